@@ -1,0 +1,48 @@
+# Developer entry points. CI runs .ci/run, which ends in `make test`.
+# Every target that needs PostgreSQL first runs .ci/ensure-postgres, because a node
+# runs its own cluster (src/embedded_pg.rs) and the tests start real ones.
+
+CARGO    ?= cargo
+DATA_DIR ?= ./cosmicsync-data
+ARGS     ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help ensure-postgres build run test bench lint fmt clean
+
+help: ## list the targets
+	@echo 'Targets (variables: DATA_DIR=$(DATA_DIR), ARGS="extra cosmicsync start arguments"):'
+	@awk 'BEGIN { FS = ":.*## " } /^[a-z-]+:.*## / { printf "  %-16s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+ensure-postgres: ## install PostgreSQL if it is missing (needs root and apt-get)
+	.ci/ensure-postgres
+
+build: ## release build of the cosmicsync binary
+	$(CARGO) build --release
+
+run: ensure-postgres build ## start a node with its data (and its PostgreSQL cluster) in DATA_DIR
+	./target/release/cosmicsync start --data-dir "$(DATA_DIR)" $(ARGS)
+
+# nextest runs each test in its own process, which keeps one test's stray cluster or
+# panic from taking others down; plain cargo test is the fallback.
+test: ensure-postgres ## run all tests (cargo nextest if installed, else cargo test)
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo '$(CARGO) nextest run --no-fail-fast'; \
+		$(CARGO) nextest run --no-fail-fast; \
+	else \
+		echo '$(CARGO) test --no-fail-fast'; \
+		$(CARGO) test --no-fail-fast; \
+	fi
+
+bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh)
+	bash tests/bench/run.sh
+
+lint: ## check formatting and run clippy with warnings denied
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+# Leaves DATA_DIR alone: it holds a node's identity and data, not build output.
+clean: ## remove build output
+	$(CARGO) clean

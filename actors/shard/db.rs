@@ -1,0 +1,861 @@
+//! The SQL of one shard: every statement the node runs against PostgreSQL is here.
+//!
+//! A `Db` is a cheap handle (pool + shard context) that a `ShardActor` hands to each
+//! request. Every write is one transaction holding the row change and its change-log
+//! entry; the sequence numbers it allocates are reported to the EventHub exactly once
+//! (committed or void) by `PendingChanges`. Nothing here may hold a connection across
+//! an await on anything but PostgreSQL.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Client, Pool, Transaction};
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
+use uuid::Uuid;
+
+use super::{ConnectionLost, ShardActor};
+use crate::actors::event_hub::{EventHub, Report};
+use crate::model::{ChangeEvent, Entity, Op, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
+use crate::problem::StoreError;
+use crate::sequencer::Sequencer;
+use crate::vclock::{VectorClock, if_match_allows};
+
+/// What every shard shares: who this node is, the sequence, and where events go.
+pub struct ShardEnv {
+    pub node_id: String,
+    pub sequencer: Arc<Sequencer>,
+    pub hub: Addr<EventHub>,
+}
+
+/// A directory entry kind: what must be unique across the whole node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirKind {
+    Username,
+    Email,
+}
+
+impl DirKind {
+    /// The name stored in the `directory` table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirKind::Username => "username",
+            DirKind::Email => "email",
+        }
+    }
+
+    fn taken(self) -> String {
+        match self {
+            DirKind::Username => "username is already taken".into(),
+            DirKind::Email => "email is already registered".into(),
+        }
+    }
+}
+
+/// One directory entry: the normalised key of a unique name and its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub kind: DirKind,
+    pub key: String,
+    pub user_id: Uuid,
+}
+
+/// A page request over projects (newest first).
+#[derive(Debug, Clone)]
+pub struct ProjectQuery {
+    pub creator: Option<Uuid>,
+    /// Only ids older than this one (the cursor).
+    pub before: Option<Uuid>,
+    pub limit: usize,
+}
+
+/// Sequence numbers allocated inside a transaction: reported committed after COMMIT,
+/// or void if the transaction ends any other way (including an early return or drop).
+struct PendingChanges {
+    hub: Addr<EventHub>,
+    events: Vec<ChangeEvent>,
+}
+
+impl PendingChanges {
+    fn committed(mut self) {
+        for event in self.events.drain(..) {
+            self.hub.do_send(Report::Committed(event));
+        }
+    }
+}
+
+impl Drop for PendingChanges {
+    fn drop(&mut self) {
+        for event in self.events.drain(..) {
+            self.hub.do_send(Report::Void(event.seq..event.seq + 1));
+        }
+    }
+}
+
+/// A change about to be logged.
+struct NewChange {
+    entity: Entity,
+    op: Op,
+    id: Uuid,
+    owner_id: Uuid,
+    vclock: VectorClock,
+    data: serde_json::Value,
+}
+
+const USER_COLUMNS: &str =
+    "id, username, email, password_hash, profile_id, created_at, updated_at, password_changed_at, vclock";
+const PROFILE_COLUMNS: &str = "id, user_id, name, bio, skills, interests, created_at, updated_at, vclock";
+const PROJECT_COLUMNS: &str = "id, creator_id, name, description, tags, created_at, updated_at, vclock";
+
+fn user_from(row: &Row) -> UserRow {
+    UserRow {
+        id: row.get(0),
+        username: row.get(1),
+        email: row.get(2),
+        password_hash: row.get(3),
+        profile_id: row.get(4),
+        created_at: row.get(5),
+        updated_at: row.get(6),
+        password_changed_at: row.get(7),
+        vclock: row.get::<_, Json<VectorClock>>(8).0,
+    }
+}
+
+fn profile_from(row: &Row) -> Profile {
+    Profile {
+        id: row.get(0),
+        user_id: row.get(1),
+        name: row.get(2),
+        bio: row.get(3),
+        skills: row.get(4),
+        interests: row.get(5),
+        created_at: row.get(6),
+        updated_at: row.get(7),
+        vclock: row.get::<_, Json<VectorClock>>(8).0,
+    }
+}
+
+fn project_from(row: &Row) -> Project {
+    Project {
+        id: row.get(0),
+        creator_id: row.get(1),
+        name: row.get(2),
+        description: row.get(3),
+        tags: row.get(4),
+        created_at: row.get(5),
+        updated_at: row.get(6),
+        vclock: row.get::<_, Json<VectorClock>>(7).0,
+    }
+}
+
+fn check_if_match(if_match: Option<&str>, clock: &VectorClock) -> Result<(), StoreError> {
+    match if_match {
+        Some(header) if !if_match_allows(header, &clock.etag()) => Err(StoreError::PreconditionFailed),
+        _ => Ok(()),
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+/// A handle on one shard's database.
+#[derive(Clone)]
+pub struct Db {
+    pub(super) pool: Pool,
+    pub(super) shard: usize,
+    pub(super) env: Arc<ShardEnv>,
+    pub(super) actor: Addr<ShardActor>,
+}
+
+impl Db {
+    /// Maps a PostgreSQL error; connection failures also tell the actor, which checks
+    /// the database and restarts if it is gone.
+    fn fail(&self, e: tokio_postgres::Error) -> StoreError {
+        match e.code() {
+            Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => {
+                StoreError::Conflict("the record is locked by another change; retry".into())
+            }
+            Some(code)
+                if *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+                    || *code == SqlState::INVALID_CATALOG_NAME
+                    || code.code().starts_with("08") =>
+            {
+                self.actor.do_send(ConnectionLost(e.to_string()));
+                StoreError::Unavailable(self.shard)
+            }
+            Some(_) => StoreError::Database(e.to_string()),
+            None => {
+                self.actor.do_send(ConnectionLost(e.to_string()));
+                StoreError::Unavailable(self.shard)
+            }
+        }
+    }
+
+    async fn client(&self) -> Result<Client, StoreError> {
+        self.pool.get().await.map_err(|e| {
+            self.actor.do_send(ConnectionLost(e.to_string()));
+            StoreError::Unavailable(self.shard)
+        })
+    }
+
+    /// Starts a write transaction that gives up on a row lock after a few seconds
+    /// instead of queueing behind a stuck transaction forever.
+    async fn begin<'a>(&self, client: &'a mut Client) -> Result<Transaction<'a>, StoreError> {
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'").await.map_err(|e| self.fail(e))?;
+        Ok(tx)
+    }
+
+    async fn commit(&self, tx: Transaction<'_>, pending: PendingChanges) -> Result<(), StoreError> {
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        pending.committed();
+        Ok(())
+    }
+
+    /// Allocates sequence numbers and writes the change-log entries, last thing before
+    /// COMMIT so the hub waits on them as briefly as possible.
+    async fn log_changes(&self, tx: &Transaction<'_>, changes: Vec<NewChange>) -> Result<PendingChanges, StoreError> {
+        let mut pending = PendingChanges { hub: self.env.hub.clone(), events: Vec::with_capacity(changes.len()) };
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO changes (seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        for c in changes {
+            let seq = self
+                .env
+                .sequencer
+                .allocate()
+                .map_err(|e| StoreError::Database(format!("cannot reserve sequence numbers: {e}")))?;
+            pending.events.push(ChangeEvent {
+                seq,
+                origin: self.env.node_id.clone(),
+                origin_seq: seq,
+                entity: c.entity,
+                op: c.op,
+                id: c.id,
+                owner_id: c.owner_id,
+                vclock: c.vclock,
+                data: c.data,
+                committed_at: crate::model::now(),
+            });
+            let e = pending.events.last().expect("just pushed");
+            tx.execute(
+                &stmt,
+                &[
+                    &e.seq,
+                    &e.origin,
+                    &e.origin_seq,
+                    &e.entity.as_str(),
+                    &e.op.as_str(),
+                    &e.id,
+                    &e.owner_id,
+                    &Json(&e.vclock),
+                    &e.data,
+                    &e.committed_at,
+                ],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        }
+        Ok(pending)
+    }
+
+    async fn insert_claims(&self, tx: &Transaction<'_>, claims: &[DirEntry]) -> Result<(), StoreError> {
+        for claim in claims {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO directory (kind, key, user_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&claim.kind.as_str(), &claim.key, &claim.user_id],
+                )
+                .await
+                .map_err(|e| self.fail(e))?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(claim.kind.taken()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_claims(&self, tx: &Transaction<'_>, releases: &[DirEntry]) -> Result<(), StoreError> {
+        for r in releases {
+            tx.execute(
+                "DELETE FROM directory WHERE kind = $1 AND key = $2 AND user_id = $3",
+                &[&r.kind.as_str(), &r.key, &r.user_id],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        }
+        Ok(())
+    }
+
+    async fn record_commit(&self, tx: &Transaction<'_>, txid: Option<Uuid>) -> Result<(), StoreError> {
+        if let Some(txid) = txid {
+            let n = tx
+                .execute(
+                    "INSERT INTO tx_decisions (txid, outcome) VALUES ($1, 'commit') ON CONFLICT DO NOTHING",
+                    &[&txid],
+                )
+                .await
+                .map_err(|e| self.fail(e))?;
+            if n == 0 {
+                // Recovery already decided to abort this transaction.
+                return Err(StoreError::Unavailable(self.shard));
+            }
+        }
+        Ok(())
+    }
+
+    /// `SELECT 1`: is the database there?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    // ----- users -------------------------------------------------------------------
+
+    pub async fn get_user(&self, id: Uuid) -> Result<UserRow, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let row = client.query_opt(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
+        row.as_ref().map(user_from).ok_or(StoreError::NotFound("user"))
+    }
+
+    pub async fn lookup(&self, kind: DirKind, key: String) -> Result<Option<Uuid>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT user_id FROM directory WHERE kind = $1 AND key = $2", &[&kind.as_str(), &key])
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Creates a user and their empty profile; `local_claims` are the directory entries
+    /// that live on this shard; `txid` names the cross-shard transaction this commits.
+    pub async fn create_user(
+        &self,
+        txid: Option<Uuid>,
+        user: UserRow,
+        profile: Profile,
+        local_claims: Vec<DirEntry>,
+    ) -> Result<UserRow, StoreError> {
+        let (mut user, mut profile) = (user, profile);
+        user.vclock = VectorClock::new().incremented(&self.env.node_id);
+        profile.vclock = user.vclock.clone();
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        self.record_commit(&tx, txid).await?;
+        self.insert_claims(&tx, &local_claims).await?;
+        tx.execute(
+            &format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            &[
+                &user.id,
+                &user.username,
+                &user.email,
+                &user.password_hash,
+                &user.profile_id,
+                &user.created_at,
+                &user.updated_at,
+                &user.password_changed_at,
+                &Json(&user.vclock),
+            ],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        tx.execute(
+            &format!("INSERT INTO profiles ({PROFILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            &[
+                &profile.id,
+                &profile.user_id,
+                &profile.name,
+                &profile.bio,
+                &profile.skills,
+                &profile.interests,
+                &profile.created_at,
+                &profile.updated_at,
+                &Json(&profile.vclock),
+            ],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let pending = self
+            .log_changes(
+                &tx,
+                vec![
+                    NewChange {
+                        entity: Entity::User,
+                        op: Op::Create,
+                        id: user.id,
+                        owner_id: user.id,
+                        vclock: user.vclock.clone(),
+                        data: to_json(&user.view(None)),
+                    },
+                    NewChange {
+                        entity: Entity::Profile,
+                        op: Op::Create,
+                        id: profile.id,
+                        owner_id: user.id,
+                        vclock: profile.vclock.clone(),
+                        data: to_json(&profile),
+                    },
+                ],
+            )
+            .await?;
+        self.commit(tx, pending).await?;
+        Ok(user)
+    }
+
+    /// Changes a user's username, email and/or password hash. `expected` is the
+    /// (username, email) the caller computed its directory changes from: if the row no
+    /// longer has them, a concurrent change won and this one is refused.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_user(
+        &self,
+        id: Uuid,
+        if_match: Option<String>,
+        expected: (String, String),
+        change: UserChange,
+        txid: Option<Uuid>,
+        local_claims: Vec<DirEntry>,
+        local_releases: Vec<DirEntry>,
+    ) -> Result<UserRow, StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let row = tx
+            .query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"), &[&id])
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut user = row.as_ref().map(user_from).ok_or(StoreError::NotFound("user"))?;
+        check_if_match(if_match.as_deref(), &user.vclock)?;
+        if (user.username.as_str(), user.email.as_str()) != (expected.0.as_str(), expected.1.as_str()) {
+            return Err(StoreError::Conflict("the user was changed concurrently; retry".into()));
+        }
+        self.record_commit(&tx, txid).await?;
+        self.delete_claims(&tx, &local_releases).await?;
+        self.insert_claims(&tx, &local_claims).await?;
+        let now = crate::model::now();
+        if let Some(username) = change.username {
+            user.username = username;
+        }
+        if let Some(email) = change.email {
+            user.email = email;
+        }
+        if let Some(hash) = change.password_hash {
+            user.password_hash = hash;
+            user.password_changed_at = now;
+        }
+        user.updated_at = now;
+        user.vclock.increment(&self.env.node_id);
+        tx.execute(
+            "UPDATE users SET username = $2, email = $3, password_hash = $4, updated_at = $5,
+                              password_changed_at = $6, vclock = $7 WHERE id = $1",
+            &[
+                &user.id,
+                &user.username,
+                &user.email,
+                &user.password_hash,
+                &user.updated_at,
+                &user.password_changed_at,
+                &Json(&user.vclock),
+            ],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let pending = self
+            .log_changes(
+                &tx,
+                vec![NewChange {
+                    entity: Entity::User,
+                    op: Op::Update,
+                    id: user.id,
+                    owner_id: user.id,
+                    vclock: user.vclock.clone(),
+                    data: to_json(&user.view(None)),
+                }],
+            )
+            .await?;
+        self.commit(tx, pending).await?;
+        Ok(user)
+    }
+
+    // ----- two-phase commit (directory entries on other shards) --------------------
+
+    /// Phase one on a participant: claims and releases directory entries, then
+    /// `PREPARE TRANSACTION gid`, which survives crashes until finished.
+    pub async fn prepare_directory(
+        &self,
+        gid: String,
+        claims: Vec<DirEntry>,
+        releases: Vec<DirEntry>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        self.delete_claims(&tx, &releases).await?;
+        self.insert_claims(&tx, &claims).await?;
+        tx.batch_execute(&format!("PREPARE TRANSACTION '{}'", gid_literal(&gid)?)).await.map_err(|e| self.fail(e))?;
+        // The session is out of the transaction now; COMMIT only ends the wrapper.
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Phase two on a participant: commit or roll back a prepared transaction.
+    /// Finishing one that no longer exists is not an error (it was already finished).
+    pub async fn finish_prepared(&self, gid: String, commit: bool) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let verb = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
+        match client.batch_execute(&format!("{verb} '{}'", gid_literal(&gid)?)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Prepared transactions of this node on this shard older than `min_age_secs`.
+    pub async fn in_doubt(&self, min_age_secs: i64) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT gid FROM pg_prepared_xacts
+                 WHERE database = current_database() AND gid LIKE 'cs:%'
+                   AND prepared < now() - make_interval(secs => $1)",
+                &[&(min_age_secs as f64)],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// On a coordinator: the outcome of `txid`. If none was recorded, records an abort
+    /// first, so a coordinator still running can no longer commit.
+    pub async fn decide(&self, txid: Uuid) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("INSERT INTO tx_decisions (txid, outcome) VALUES ($1, 'abort') ON CONFLICT DO NOTHING", &[&txid])
+            .await
+            .map_err(|e| self.fail(e))?;
+        let row = client
+            .query_one("SELECT outcome FROM tx_decisions WHERE txid = $1", &[&txid])
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(row.get::<_, String>(0) == "commit")
+    }
+
+    /// Drops a decision once every participant has finished.
+    pub async fn forget(&self, txid: Uuid) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.execute("DELETE FROM tx_decisions WHERE txid = $1", &[&txid]).await.map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    // ----- profiles ----------------------------------------------------------------
+
+    pub async fn get_profile(&self, id: Uuid) -> Result<Profile, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {PROFILE_COLUMNS} FROM profiles WHERE id = $1"))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let row = client.query_opt(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
+        row.as_ref().map(profile_from).ok_or(StoreError::NotFound("profile"))
+    }
+
+    /// Applies a validated update; omitted fields are kept.
+    pub async fn update_profile(
+        &self,
+        id: Uuid,
+        caller: Uuid,
+        if_match: Option<String>,
+        update: ProfileUpdate,
+    ) -> Result<Profile, StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let row = tx
+            .query_opt(&format!("SELECT {PROFILE_COLUMNS} FROM profiles WHERE id = $1 FOR UPDATE"), &[&id])
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut p = row.as_ref().map(profile_from).ok_or(StoreError::NotFound("profile"))?;
+        if p.user_id != caller {
+            return Err(StoreError::Forbidden("profile"));
+        }
+        check_if_match(if_match.as_deref(), &p.vclock)?;
+        let ProfileUpdate { name, bio, skills, interests } = update;
+        p.name = name.unwrap_or(p.name);
+        p.bio = bio.unwrap_or(p.bio);
+        p.skills = skills.unwrap_or(p.skills);
+        p.interests = interests.unwrap_or(p.interests);
+        p.updated_at = crate::model::now();
+        p.vclock.increment(&self.env.node_id);
+        tx.execute(
+            "UPDATE profiles SET name = $2, bio = $3, skills = $4, interests = $5, updated_at = $6, vclock = $7
+             WHERE id = $1",
+            &[&p.id, &p.name, &p.bio, &p.skills, &p.interests, &p.updated_at, &Json(&p.vclock)],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let pending = self
+            .log_changes(
+                &tx,
+                vec![NewChange {
+                    entity: Entity::Profile,
+                    op: Op::Update,
+                    id: p.id,
+                    owner_id: p.user_id,
+                    vclock: p.vclock.clone(),
+                    data: to_json(&p),
+                }],
+            )
+            .await?;
+        self.commit(tx, pending).await?;
+        Ok(p)
+    }
+
+    // ----- projects ----------------------------------------------------------------
+
+    pub async fn create_project(&self, project: Project) -> Result<Project, StoreError> {
+        let mut project = project;
+        project.vclock = VectorClock::new().incremented(&self.env.node_id);
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let stmt = tx
+            .prepare_cached(&format!(
+                "INSERT INTO projects ({PROJECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            ))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let p = &project;
+        tx.execute(
+            &stmt,
+            &[&p.id, &p.creator_id, &p.name, &p.description, &p.tags, &p.created_at, &p.updated_at, &Json(&p.vclock)],
+        )
+        .await
+        .map_err(|e| match e.code() {
+            Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => StoreError::NotFound("user"),
+            _ => self.fail(e),
+        })?;
+        let pending = self
+            .log_changes(
+                &tx,
+                vec![NewChange {
+                    entity: Entity::Project,
+                    op: Op::Create,
+                    id: p.id,
+                    owner_id: p.creator_id,
+                    vclock: p.vclock.clone(),
+                    data: to_json(p),
+                }],
+            )
+            .await?;
+        self.commit(tx, pending).await?;
+        Ok(project)
+    }
+
+    pub async fn get_project(&self, id: Uuid) -> Result<Project, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND deleted_at IS NULL"))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let row = client.query_opt(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
+        row.as_ref().map(project_from).ok_or(StoreError::NotFound("project"))
+    }
+
+    async fn lock_project(
+        &self,
+        tx: &Transaction<'_>,
+        id: Uuid,
+        caller: Uuid,
+        if_match: Option<&str>,
+    ) -> Result<Project, StoreError> {
+        let row = tx
+            .query_opt(
+                &format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"),
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let p = row.as_ref().map(project_from).ok_or(StoreError::NotFound("project"))?;
+        if p.creator_id != caller {
+            return Err(StoreError::Forbidden("project"));
+        }
+        check_if_match(if_match, &p.vclock)?;
+        Ok(p)
+    }
+
+    /// Applies a validated update; omitted fields are kept. Creator only.
+    pub async fn update_project(
+        &self,
+        id: Uuid,
+        caller: Uuid,
+        if_match: Option<String>,
+        update: ProjectUpdate,
+    ) -> Result<Project, StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let mut p = self.lock_project(&tx, id, caller, if_match.as_deref()).await?;
+        let ProjectUpdate { name, description, tags } = update;
+        p.name = name.unwrap_or(p.name);
+        p.description = description.unwrap_or(p.description);
+        p.tags = tags.unwrap_or(p.tags);
+        p.updated_at = crate::model::now();
+        p.vclock.increment(&self.env.node_id);
+        tx.execute(
+            "UPDATE projects SET name = $2, description = $3, tags = $4, updated_at = $5, vclock = $6 WHERE id = $1",
+            &[&p.id, &p.name, &p.description, &p.tags, &p.updated_at, &Json(&p.vclock)],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let pending = self
+            .log_changes(
+                &tx,
+                vec![NewChange {
+                    entity: Entity::Project,
+                    op: Op::Update,
+                    id: p.id,
+                    owner_id: p.creator_id,
+                    vclock: p.vclock.clone(),
+                    data: to_json(&p),
+                }],
+            )
+            .await?;
+        self.commit(tx, pending).await?;
+        Ok(p)
+    }
+
+    /// Deletes a project, leaving a tombstone with a bumped clock. Creator only.
+    pub async fn delete_project(&self, id: Uuid, caller: Uuid, if_match: Option<String>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let mut p = self.lock_project(&tx, id, caller, if_match.as_deref()).await?;
+        let now = crate::model::now();
+        p.vclock.increment(&self.env.node_id);
+        tx.execute(
+            "UPDATE projects SET deleted_at = $2, updated_at = $2, vclock = $3 WHERE id = $1",
+            &[&p.id, &now, &Json(&p.vclock)],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let pending = self
+            .log_changes(
+                &tx,
+                vec![NewChange {
+                    entity: Entity::Project,
+                    op: Op::Delete,
+                    id: p.id,
+                    owner_id: p.creator_id,
+                    vclock: p.vclock.clone(),
+                    data: serde_json::json!({ "id": p.id, "creator_id": p.creator_id, "deleted_at": now }),
+                }],
+            )
+            .await?;
+        self.commit(tx, pending).await
+    }
+
+    /// Live projects, newest first, optionally of one creator and older than a cursor.
+    pub async fn list_projects(&self, query: ProjectQuery) -> Result<Vec<Project>, StoreError> {
+        let client = self.client().await?;
+        let limit = query.limit as i64;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {PROJECT_COLUMNS} FROM projects
+                     WHERE deleted_at IS NULL
+                       AND ($1::uuid IS NULL OR creator_id = $1)
+                       AND ($2::uuid IS NULL OR id < $2)
+                     ORDER BY id DESC LIMIT $3"
+                ),
+                &[&query.creator, &query.before, &limit],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(rows.iter().map(project_from).collect())
+    }
+
+    // ----- change log --------------------------------------------------------------
+
+    /// Change-log entries with `after < seq <= upto`, in order, at most `limit`.
+    pub async fn changes_since(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<ChangeEvent>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at
+                 FROM changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                &[&after, &upto, &limit],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        rows.iter()
+            .map(|r| {
+                let entity: String = r.get(3);
+                let op: String = r.get(4);
+                Ok(ChangeEvent {
+                    seq: r.get(0),
+                    origin: r.get(1),
+                    origin_seq: r.get(2),
+                    entity: Entity::parse(&entity)
+                        .ok_or_else(|| StoreError::Database(format!("unknown entity {entity:?} in change log")))?,
+                    op: Op::parse(&op)
+                        .ok_or_else(|| StoreError::Database(format!("unknown op {op:?} in change log")))?,
+                    id: r.get(5),
+                    owner_id: r.get(6),
+                    vclock: r.get::<_, Json<VectorClock>>(7).0,
+                    data: r.get(8),
+                    committed_at: r.get(9),
+                })
+            })
+            .collect()
+    }
+
+    // ----- token revocations -------------------------------------------------------
+
+    pub async fn revoke_token(&self, jti: Uuid, user_id: Uuid, expires_at: DateTime<Utc>) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO revoked_tokens (jti, user_id, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&jti, &user_id, &expires_at],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Revocations still in force; prunes the expired ones.
+    pub async fn revocations(&self) -> Result<Vec<(Uuid, DateTime<Utc>)>, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'", &[])
+            .await
+            .map_err(|e| self.fail(e))?;
+        let rows = client.query("SELECT jti, expires_at FROM revoked_tokens", &[]).await.map_err(|e| self.fail(e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+/// The fields of a user to change (already validated; the password already hashed).
+#[derive(Debug, Clone, Default)]
+pub struct UserChange {
+    pub username: Option<String>,
+    pub email: Option<String>,
+    pub password_hash: Option<String>,
+}
+
+/// A transaction id is built by this node from a UUID and shard numbers; refuse anything
+/// else before it is spliced into SQL (PREPARE TRANSACTION takes no parameters).
+fn gid_literal(gid: &str) -> Result<&str, StoreError> {
+    if gid.len() < 200 && gid.chars().all(|c| c.is_ascii_alphanumeric() || c == ':' || c == '-') {
+        Ok(gid)
+    } else {
+        Err(StoreError::Database("malformed transaction id".into()))
+    }
+}

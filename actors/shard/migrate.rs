@@ -1,0 +1,38 @@
+//! Schema migrations: the SQL files of `schema/`, compiled into the binary and applied
+//! in order to a shard at connect time.
+//!
+//! Each file runs once, in its own transaction, under an advisory lock so two nodes
+//! sharing a database never apply one twice. Files must never be edited once released:
+//! a change is a new file.
+
+use deadpool_postgres::Client;
+
+/// Every migration, in order: (version, SQL).
+pub const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("../../schema/0001_init.sql"))];
+
+/// An arbitrary constant naming the migration lock.
+const LOCK_KEY: i64 = 0x636f_736d_6963;
+
+/// Applies the migrations this database does not have yet; returns how many ran.
+pub async fn apply(client: &mut Client) -> Result<usize, tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version text PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
+    let mut applied = 0;
+    for (version, sql) in MIGRATIONS {
+        let done = tx.query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version]).await?.is_some();
+        if !done {
+            tx.batch_execute(sql).await?;
+            tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version]).await?;
+            applied += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(applied)
+}

@@ -1,0 +1,147 @@
+//! NodeSupervisor: the root of the actor tree.
+//!
+//! It is handed the already-started children (boot order lives in `crate::boot`), keeps
+//! the facts `cosmicsync status` and `/network/status` report, sweeps prepared
+//! transactions left in doubt, and runs the graceful shutdown: HTTP first (draining
+//! requests), then the System. It must never do request work itself.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use slog_scope::info;
+use utoipa::ToSchema;
+
+use crate::actors::http::{HttpActor, StopServer};
+use crate::actors::shard::ShardHealth;
+use crate::actors::shards::Shards;
+
+/// How often prepared transactions are checked for ones left in doubt, and how old one
+/// must be before it counts as in doubt.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
+const IN_DOUBT_AFTER_SECS: i64 = 30;
+
+/// What a node says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StatusReport {
+    pub node_id: String,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub api_url: String,
+    /// `embedded` (the node runs its own PostgreSQL) or `external` (shard URLs).
+    pub storage: String,
+    /// True when every shard is up.
+    pub ready: bool,
+    #[schema(value_type = Vec<Object>)]
+    pub shards: Vec<ShardHealthView>,
+}
+
+/// A shard's health as reported (same fields as `ShardHealth`).
+pub type ShardHealthView = serde_json::Value;
+
+/// Static facts about the node.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub node_id: String,
+    pub api_url: String,
+    pub storage: String,
+}
+
+/// The root actor.
+pub struct NodeSupervisor {
+    facts: NodeFacts,
+    started: Instant,
+    shards: Shards,
+    http: Option<Addr<HttpActor>>,
+    stopping: bool,
+}
+
+impl NodeSupervisor {
+    /// A supervisor over already-started children.
+    pub fn new(facts: NodeFacts, shards: Shards) -> Self {
+        Self { facts, started: Instant::now(), shards, http: None, stopping: false }
+    }
+}
+
+impl Actor for NodeSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(RECOVERY_INTERVAL, |act, ctx| {
+            let shards = act.shards.clone();
+            ctx.spawn(
+                async move {
+                    shards.recover_in_doubt(IN_DOUBT_AFTER_SECS).await;
+                }
+                .into_actor(act),
+            );
+        });
+    }
+}
+
+/// Hands the supervisor the HTTP actor (started last, once the rest is up).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachHttp(pub Addr<HttpActor>);
+
+impl Handler<AttachHttp> for NodeSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: AttachHttp, _: &mut Self::Context) {
+        self.http = Some(msg.0);
+    }
+}
+
+/// Asks for the node's status.
+#[derive(Message)]
+#[rtype(result = "StatusReport")]
+pub struct GetStatus;
+
+impl Handler<GetStatus> for NodeSupervisor {
+    type Result = ResponseFuture<StatusReport>;
+    fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> Self::Result {
+        let shards = self.shards.clone();
+        let facts = self.facts.clone();
+        let uptime_secs = self.started.elapsed().as_secs();
+        Box::pin(async move {
+            let health: Vec<ShardHealth> = shards.health().await;
+            let ready = health.iter().all(|h| h.state == crate::actors::shard::ShardState::Up);
+            StatusReport {
+                node_id: facts.node_id,
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                uptime_secs,
+                api_url: facts.api_url,
+                storage: facts.storage,
+                ready,
+                shards: health.iter().map(|h| serde_json::to_value(h).unwrap_or_default()).collect(),
+            }
+        })
+    }
+}
+
+/// Stops the node gracefully: HTTP drains, then the System stops (boot code then stops
+/// the embedded PostgreSQL and removes node.json).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for NodeSupervisor {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
+        if std::mem::replace(&mut self.stopping, true) {
+            return;
+        }
+        info!("node stopping");
+        let http = self.http.clone();
+        ctx.spawn(
+            async move {
+                if let Some(http) = http {
+                    let _ = http.send(StopServer).await;
+                }
+                System::current().stop();
+            }
+            .into_actor(self),
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! `/api/v1/auth`: log in (username + password → access token) and log out (revoke it).
+
+use actix_web::{HttpResponse, web};
+
+use super::AppState;
+use super::extract::Authenticated;
+use crate::actors::auth::{Login, Revoke};
+use crate::model::{LoginRequest, TokenResponse};
+use crate::problem::{ApiError, Problem};
+
+/// Log in. A wrong username and a wrong password get the same answer.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = TokenResponse), (status = 400, body = Problem),
+        (status = 401, description = "Invalid username or password", body = Problem), (status = 503, body = Problem)))]
+pub async fn login(state: web::Data<AppState>, body: web::Json<LoginRequest>) -> Result<HttpResponse, ApiError> {
+    let LoginRequest { username, password } = body.into_inner();
+    // Oversized input cannot match any account; refuse it before any work is done.
+    if username.len() > 254 || password.len() > 1024 {
+        return Err(ApiError::Unauthorized("invalid username or password".into()));
+    }
+    let token = state.auth.send(Login { username, password }).await??;
+    Ok(HttpResponse::Ok().insert_header(("Cache-Control", "no-store")).json(token))
+}
+
+/// Log out: the token used for this request is revoked, also across restarts.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 204, description = "Revoked"), (status = 401, body = Problem), (status = 503, body = Problem)))]
+pub async fn logout(state: web::Data<AppState>, caller: Authenticated) -> Result<HttpResponse, ApiError> {
+    state.auth.send(Revoke(caller.0)).await??;
+    Ok(HttpResponse::NoContent().finish())
+}

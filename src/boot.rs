@@ -1,0 +1,260 @@
+//! Starting and stopping a node: the boot order of the actor tree.
+//!
+//! 1. resolve the config, start logging, lock the data directory by binding the CLI's
+//!    control socket (a second node on the same directory fails here);
+//! 2. start the node's own PostgreSQL (embedded mode) and create the shard databases;
+//! 3. inside the actix System: EventHub, one supervised ShardActor per shard, AuthActor,
+//!    NodeSupervisor, the HTTPS server in its HttpActor, ControlActor, signal handlers;
+//! 4. once every shard is up (or a deadline passes), write `<data-dir>/node.json`;
+//! 5. after the System stops: stop PostgreSQL, remove node.json and the socket.
+//!
+//! Boot code wires things together; it must never hold request logic.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use slog_scope::{info, warn};
+
+use crate::actors::auth::{AuthActor, IsReady};
+use crate::actors::event_hub::EventHub;
+use crate::actors::http::HttpActor;
+use crate::actors::shard::{ShardActor, ShardEnv, ShardState};
+use crate::actors::shards::Shards;
+use crate::actors::supervisor::{AttachHttp, NodeFacts, NodeSupervisor, Shutdown};
+use crate::api::AppState;
+use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
+use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use crate::sequencer::Sequencer;
+
+/// How long a starting node waits for every shard before it reports ready anyway.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `<data-dir>/node.json`: how scripts, tests and the CLI find a running node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub pid: u32,
+    pub node_id: String,
+    pub version: String,
+    pub api_url: String,
+    /// Path of the HTTPS certificate (PEM) clients should trust.
+    pub tls_cert: PathBuf,
+    pub data_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The path of node.json in a data directory.
+pub fn node_info_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("node.json")
+}
+
+/// Reads node.json, if present and well-formed.
+pub fn read_node_info(data_dir: &Path) -> Option<NodeInfo> {
+    let text = std::fs::read_to_string(node_info_path(data_dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Runs a node in the foreground until it is stopped (CLI `stop`, SIGTERM or SIGINT).
+pub fn run_node(global: GlobalOptions, args: NodeArgs) -> anyhow::Result<()> {
+    let config = NodeConfig::resolve(&global, &args)?;
+    let level = crate::logging::parse_level(&config.log_level).unwrap_or(slog::Level::Info);
+    let _log = crate::logging::init(config.log_format, level);
+    crate::tls::install_crypto_provider();
+    let result = run(config);
+    if let Err(e) = &result {
+        slog_scope::crit!("node failed"; "error" => format!("{e:#}"));
+    }
+    result
+}
+
+fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let socket_path = data_dir.join("control.sock") /*TEMP*/;
+    let control = {
+        let _ = std::fs::remove_file(&socket_path);
+        std::os::unix::net::UnixListener::bind(&socket_path)
+    } /*TEMP*/
+    .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
+    info!("node starting"; "data_dir" => %data_dir.display(), "pid" => std::process::id());
+
+    let (pg, urls) = match &config.storage {
+        Storage::Embedded { shards, bin_dir, max_connections } => {
+            let mut opts = EmbeddedOptions::new(data_dir.join("pg"));
+            opts.bin_dir = bin_dir.clone();
+            opts.max_connections = *max_connections;
+            let pg = EmbeddedPostgres::start(&opts).context("cannot start the node's PostgreSQL")?;
+            info!("PostgreSQL running"; "dir" => %pg.data_dir().display(), "reused" => pg.reused());
+            let names: Vec<String> = (0..*shards).map(|i| format!("shard_{i}")).collect();
+            let urls = match pg.ensure_databases(&names) {
+                Ok(()) => names.iter().map(|n| pg.url(n)).collect(),
+                Err(e) => {
+                    let _ = pg.stop();
+                    return Err(e).context("cannot create the shard databases");
+                }
+            };
+            (Some(pg), urls)
+        }
+        Storage::Urls(urls) => (None, urls.clone()),
+    };
+
+    let system = System::new();
+    let result =
+        system.block_on(start(&config, urls, control)).and_then(|_| system.run().context("actor system failed"));
+
+    if let Some(pg) = pg {
+        match pg.stop() {
+            Ok(()) => info!("PostgreSQL stopped"),
+            Err(e) => warn!("cannot stop PostgreSQL"; "error" => %e),
+        }
+    }
+    let _ = std::fs::remove_file(node_info_path(&data_dir));
+    let _ = std::fs::remove_file(&socket_path);
+    info!("node stopped");
+    result
+}
+
+/// The loopback-friendly URL for a bound address (an unspecified IP becomes loopback).
+fn api_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("https://{}", SocketAddr::new(ip, addr.port()))
+}
+
+fn node_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        Ok(_) => anyhow::bail!("{} is empty; remove it to make a new node id", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+async fn start(
+    config: &NodeConfig,
+    urls: Vec<String>,
+    control: std::os::unix::net::UnixListener,
+) -> anyhow::Result<()> {
+    let data_dir = &config.data_dir;
+    let node_id = node_id(data_dir)?;
+    let sequencer = Arc::new(Sequencer::open(&data_dir.join("seq")).context("cannot open the sequence file")?);
+
+    // The hub and the shards need each other's addresses: make the hub's first.
+    let hub_ctx = Context::<EventHub>::new();
+    let env = Arc::new(ShardEnv { node_id: node_id.clone(), sequencer: sequencer.clone(), hub: hub_ctx.address() });
+    let mut addrs = Vec::with_capacity(urls.len());
+    for (index, url) in urls.iter().enumerate() {
+        let pg: tokio_postgres::Config = url.parse().with_context(|| format!("shard {index}: bad PostgreSQL URL"))?;
+        let (env, pool) = (env.clone(), config.pool_size);
+        addrs.push(Supervisor::start(move |_| ShardActor::new(index, pg, pool, env)));
+    }
+    let shards = Shards::new(addrs);
+    let hub = hub_ctx.run(EventHub /*TEMP*/);
+
+    let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
+    let auth = AuthActor::new(&secret, config.token_ttl_secs, config.bcrypt_cost, shards.clone())
+        .context("cannot prepare password hashing")?;
+    let auth = Supervisor::start(move |_| auth);
+
+    let tls_files = crate::tls::ensure_files(config.tls.clone(), &data_dir.join("tls"))?;
+    let tls = crate::tls::load(&tls_files)?;
+    let listener = TcpListener::bind(config.http_addr)
+        .with_context(|| format!("cannot listen on {} (is the port in use?)", config.http_addr))?;
+    let api_url = api_url(listener.local_addr()?);
+
+    let storage = match config.storage {
+        Storage::Embedded { .. } => "embedded",
+        Storage::Urls(_) => "external",
+    };
+    let facts = NodeFacts { node_id: node_id.clone(), api_url: api_url.clone(), storage: storage.into() };
+    let supervisor = NodeSupervisor::new(facts, shards.clone()).start();
+    let state = AppState {
+        shards: shards.clone(),
+        auth: auth.clone(),
+        hub,
+        supervisor: supervisor.clone(),
+        ws_queue: config.ws_queue,
+    };
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(actix_web::web::Data::new(state.clone()))
+            .wrap(crate::api::security_headers())
+            .configure(crate::api::configure)
+    })
+    .workers(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+    .disable_signals()
+    .shutdown_timeout(10)
+    .listen_rustls_0_23(listener, (*tls).clone())
+    .context("cannot start the HTTPS server")?
+    .run();
+    supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
+    drop(control); /*TEMP*/
+    watch_signals(supervisor.clone());
+
+    // Ready: wait for the shards, then tell the world where we are.
+    let deadline = Instant::now() + READY_DEADLINE;
+    loop {
+        let health = shards.health().await;
+        let auth_ready = auth.send(IsReady).await.unwrap_or(false);
+        if auth_ready && health.iter().all(|h| h.state == ShardState::Up) {
+            break;
+        }
+        if Instant::now() > deadline {
+            warn!("not every shard is up; reporting ready anyway"; "shards" => format!("{health:?}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let info = NodeInfo {
+        pid: std::process::id(),
+        node_id,
+        version: env!("CARGO_PKG_VERSION").into(),
+        api_url: api_url.clone(),
+        tls_cert: tls_files.cert.clone(),
+        data_dir: data_dir.clone(),
+        control_socket: data_dir.join("control.sock"), /*TEMP*/
+        started_at: chrono::Utc::now(),
+    };
+    write_node_info(data_dir, &info)?;
+    info!("node ready"; "api_url" => &api_url, "shards" => shards.len(), "tls_cert" => %tls_files.cert.display());
+    Ok(())
+}
+
+fn write_node_info(data_dir: &Path, info: &NodeInfo) -> anyhow::Result<()> {
+    let path = node_info_path(data_dir);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// SIGTERM and SIGINT stop the node gracefully.
+fn watch_signals(supervisor: Addr<NodeSupervisor>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    actix_web::rt::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            warn!("cannot install signal handlers; stop the node with `cosmicsync stop`");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+        supervisor.do_send(Shutdown);
+    });
+}

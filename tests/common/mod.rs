@@ -1,0 +1,218 @@
+//! Test harness: starts the real `cosmicsync` binary (with its own PostgreSQL in a temp
+//! directory, on free ports) and talks to it over HTTPS like any client.
+//!
+//! One helper per layer: `Node` for a running node, `Node::user` for a registered and
+//! logged-in user. Every wait is for an observable condition with a deadline.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// The password every test user gets.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// Arguments every test node gets: free port, cheap bcrypt.
+pub const FAST: &[&str] = &["--http-addr", "127.0.0.1:0", "--bcrypt-cost", "4"];
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_cosmicsync")
+}
+
+/// A registered, logged-in user.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: Uuid,
+    pub profile_id: Uuid,
+    pub username: String,
+    pub token: String,
+}
+
+/// A running node.
+pub struct Node {
+    pub dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub child: Option<Child>,
+    pub info: Value,
+    pub api: String,
+    pub client: reqwest::Client,
+}
+
+impl Node {
+    /// Starts a node in a fresh temp data directory with `FAST` plus `args`.
+    pub async fn start(args: &[&str]) -> Node {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_owned();
+        let mut node = Node::start_in(&dir, args).await;
+        node._temp = Some(temp);
+        node
+    }
+
+    /// Starts a node on an existing data directory (e.g. to restart one).
+    pub async fn start_in(dir: &Path, args: &[&str]) -> Node {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("test-node.log")).expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("--data-dir").arg(dir).arg("start").args(FAST).args(args);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+        let child = cmd.spawn().expect("start cosmicsync");
+        let pid = child.id();
+        let mut node = Node {
+            dir: dir.to_owned(),
+            _temp: None,
+            child: Some(child),
+            info: Value::Null,
+            api: String::new(),
+            client: reqwest::Client::new(),
+        };
+        let info = wait_for("node.json", Duration::from_secs(120), || {
+            let exited = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("node exited early ({status}); log:\n{}", node.log());
+            }
+            let info = std::fs::read_to_string(dir.join("node.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                .filter(|v| v["pid"].as_u64() == Some(u64::from(pid)));
+            async move { info }
+        })
+        .await;
+        node.api = info["api_url"].as_str().expect("api_url").to_owned();
+        node.client = client_trusting(Path::new(info["tls_cert"].as_str().expect("tls_cert")));
+        node.info = info;
+        node
+    }
+
+    /// Takes the temp directory out, so the data outlives this node (for restarts).
+    pub fn take_temp(&mut self) -> Option<tempfile::TempDir> {
+        self._temp.take()
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("test-node.log")).unwrap_or_default()
+    }
+
+    /// `api_url` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.api, path)
+    }
+
+    /// Registers `username` (email `<username>@example.org`); returns the response body.
+    pub async fn register(&self, username: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/users"))
+            .json(&json!({ "username": username, "email": format!("{username}@example.org"), "password": PASSWORD }))
+            .send()
+            .await
+            .expect("register request")
+    }
+
+    /// Logs in; returns the access token.
+    pub async fn login(&self, username: &str, password: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/auth/login"))
+            .json(&json!({ "username": username, "password": password }))
+            .send()
+            .await
+            .expect("login request")
+    }
+
+    /// Registers and logs in a user.
+    pub async fn user(&self, username: &str) -> TestUser {
+        let res = self.register(username).await;
+        assert_eq!(res.status(), 201, "register {username}: {}", res.text().await.unwrap_or_default());
+        let body: Value = res.json().await.expect("user body");
+        let res = self.login(username, PASSWORD).await;
+        assert_eq!(res.status(), 200, "login {username}");
+        let token: Value = res.json().await.expect("token body");
+        TestUser {
+            id: body["id"].as_str().and_then(|s| s.parse().ok()).expect("user id"),
+            profile_id: body["profile_id"].as_str().and_then(|s| s.parse().ok()).expect("profile id"),
+            username: username.to_owned(),
+            token: token["access_token"].as_str().expect("token").to_owned(),
+        }
+    }
+
+    /// A request with the user's token.
+    pub fn req(&self, method: reqwest::Method, path: &str, user: &TestUser) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(&user.token)
+    }
+
+    /// Stops the node with SIGTERM and waits for it to exit; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                stop_cluster(&self.dir);
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        // A node killed without a graceful stop leaves its PostgreSQL running.
+        stop_cluster(&self.dir);
+    }
+}
+
+/// Stops a cluster under `<dir>/pg` if one runs.
+pub fn stop_cluster(dir: &Path) {
+    let pg = dir.join("pg");
+    if !pg.join("postmaster.pid").exists() {
+        return;
+    }
+    let Ok(bin) = cosmicsync::embedded_pg::EmbeddedPostgres::find_bin_dir(None) else { return };
+    let pg_ctl = bin.join("pg_ctl");
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+        c
+    } else {
+        Command::new(&pg_ctl)
+    };
+    let _ = cmd.arg("-D").arg(&pg).args(["stop", "-m", "immediate", "-w"]).output();
+}
+
+/// An HTTPS client that trusts the node's certificate.
+pub fn client_trusting(cert: &Path) -> reqwest::Client {
+    let pem = std::fs::read(cert).expect("read node certificate");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("certificate"))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
