@@ -16,8 +16,8 @@ use uuid::Uuid;
 /// The password every test user gets.
 pub const PASSWORD: &str = "correct horse battery";
 
-/// Arguments every test node gets: free port, cheap bcrypt.
-pub const FAST: &[&str] = &["--http-addr", "127.0.0.1:0", "--bcrypt-cost", "4"];
+/// Arguments every test node gets: a free port.
+pub const FAST: &[&str] = &["--http-addr", "127.0.0.1:0"];
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
@@ -75,6 +75,8 @@ impl Node {
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("test-node.log")).expect("log file");
         let mut cmd = Command::new(binary());
         cmd.arg("--data-dir").arg(dir).arg("start").args(FAST).args(args);
+        // Cheap bcrypt through the environment, so a test can still override it with a flag.
+        cmd.env("COSMICSYNC_BCRYPT_COST", "4");
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         let child = cmd.spawn().expect("start cosmicsync");
         let pid = child.id();

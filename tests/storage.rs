@@ -1,0 +1,233 @@
+//! Storage guarantees, checked in PostgreSQL itself: the change log records every write
+//! with its clock; cross-shard transactions left in doubt are settled; a crash never
+//! leaves a half-created user; a burst of logins does not stall other requests.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Node, PASSWORD, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// A direct connection to shard `shard` of the node's own PostgreSQL.
+async fn shard_db(dir: &Path, shard: usize) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config.host_path(dir.join("pg")).port(5432).user("postgres").dbname(format!("shard_{shard}"));
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to the node's PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+#[tokio::test]
+async fn change_log_records_every_write_with_its_clock() {
+    let node = Node::start(&[]).await;
+    let node_id = node.info["node_id"].as_str().unwrap().to_owned();
+    let ada = node.user("ada").await;
+    let path = format!("/api/v1/profiles/{}", ada.profile_id);
+    node.req(Method::PUT, &path, &ada).json(&json!({ "bio": "hi" })).send().await.unwrap();
+    let res = node.req(Method::POST, "/api/v1/projects", &ada).json(&json!({ "name": "p" })).send().await.unwrap();
+    let project: Value = res.json().await.unwrap();
+    let pid = project["id"].as_str().unwrap();
+    node.req(Method::PUT, &format!("/api/v1/projects/{pid}"), &ada).json(&json!({ "name": "q" })).send().await.unwrap();
+    node.req(Method::DELETE, &format!("/api/v1/projects/{pid}"), &ada).send().await.unwrap();
+
+    // Every entry of every shard, in sequence order.
+    let mut entries = Vec::new();
+    for shard in 0..4 {
+        let db = shard_db(&node.dir, shard).await;
+        for row in db
+            .query("SELECT seq, origin, origin_seq, entity, op, row_id, vclock, data FROM changes", &[])
+            .await
+            .unwrap()
+        {
+            let (seq, origin, origin_seq): (i64, String, i64) = (row.get(0), row.get(1), row.get(2));
+            let (entity, op, id): (String, String, Uuid) = (row.get(3), row.get(4), row.get(5));
+            let (vclock, data): (Value, Value) = (row.get(6), row.get(7));
+            entries.push((seq, origin, origin_seq, entity, op, id, vclock, data));
+        }
+    }
+    entries.sort_by_key(|e| e.0);
+    let summary: Vec<(String, String)> = entries.iter().map(|e| (e.3.clone(), e.4.clone())).collect();
+    let expected = [
+        ("user", "create"),
+        ("profile", "create"),
+        ("profile", "update"),
+        ("project", "create"),
+        ("project", "update"),
+        ("project", "delete"),
+    ];
+    assert_eq!(summary, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    for (seq, origin, origin_seq, _, _, _, _, data) in &entries {
+        assert_eq!(origin, &node_id);
+        assert_eq!(origin_seq, seq);
+        assert!(data.get("email").is_none() && data.get("password_hash").is_none(), "{data}");
+    }
+    let counters: Vec<u64> = entries.iter().map(|e| e.6[&node_id].as_u64().unwrap()).collect();
+    assert_eq!(counters, [1, 1, 2, 1, 2, 3], "each update bumps this node's entry of the row's clock");
+
+    // The row keeps the clock of its last change; the deleted project is a tombstone.
+    let db = shard_db(&node.dir, node_shard(&ada.id)).await;
+    let row = db
+        .query_one("SELECT vclock, deleted_at IS NOT NULL FROM projects WHERE id = $1", &[&entries[3].5])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Value>(0), entries[5].6);
+    assert!(row.get::<_, bool>(1));
+}
+
+fn node_shard(id: &Uuid) -> usize {
+    cosmicsync::placement::Router::new(4).shard_of(id)
+}
+
+#[tokio::test]
+async fn transactions_left_in_doubt_are_settled_on_start() {
+    let mut node = Node::start(&[]).await;
+    node.user("ada").await;
+    let temp = node.take_temp();
+    let dir = node.dir.clone();
+    drop(node);
+
+    // Leave two prepared directory claims behind, as a crash between the phases would:
+    // one whose coordinator (shard 0) recorded a commit, one with no decision.
+    let pg = cosmicsync::embedded_pg::EmbeddedPostgres::start(&cosmicsync::embedded_pg::EmbeddedOptions::new(
+        dir.join("pg"),
+    ))
+    .unwrap();
+    let (committed, undecided) = (Uuid::now_v7(), Uuid::now_v7());
+    let participant = shard_db(&dir, 1).await;
+    for (txid, name) in [(committed, "ghost-committed"), (undecided, "ghost-undecided")] {
+        participant.batch_execute("BEGIN").await.unwrap();
+        participant
+            .execute(
+                "INSERT INTO directory (kind, key, user_id) VALUES ('username', $1, $2)",
+                &[&name, &Uuid::now_v7()],
+            )
+            .await
+            .unwrap();
+        participant.batch_execute(&format!("PREPARE TRANSACTION 'cs:{txid}:0:1'")).await.unwrap();
+    }
+    let coordinator = shard_db(&dir, 0).await;
+    coordinator.execute("INSERT INTO tx_decisions (txid, outcome) VALUES ($1, 'commit')", &[&committed]).await.unwrap();
+    drop((participant, coordinator));
+    pg.stop().unwrap();
+
+    let node = Node::start_in(&dir, &[]).await;
+    let db = shard_db(&dir, 1).await;
+    let prepared: i64 = db.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.unwrap().get(0);
+    assert_eq!(prepared, 0, "every prepared transaction was settled before the node said it was ready");
+    let names: Vec<String> = db
+        .query("SELECT key FROM directory WHERE key LIKE 'ghost%'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["ghost-committed"]);
+    assert!(node.log().contains("settled cross-shard transactions"));
+    drop(node);
+    drop(temp);
+}
+
+#[tokio::test]
+async fn a_crash_never_leaves_a_half_created_user() {
+    let mut node = Node::start(&[]).await;
+    let (client, api) = (node.client.clone(), node.api.clone());
+    let created = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let (client, api, created) = (client.clone(), api.clone(), created.clone());
+        workers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let name = format!("w{w}u{i}");
+                let res = client
+                    .post(format!("{api}/api/v1/users"))
+                    .json(&json!({ "username": name, "email": format!("{name}@example.org"), "password": PASSWORD }))
+                    .send()
+                    .await;
+                match res {
+                    Ok(r) if r.status() == 201 => {
+                        created.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    wait_for("registrations under way", Duration::from_secs(60), || {
+        let n = created.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n >= 40).then_some(()) }
+    })
+    .await;
+    // Kill the node mid-burst: no graceful anything. Its PostgreSQL keeps running.
+    let mut child = node.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for w in workers {
+        let _ = w.await;
+    }
+    let acknowledged = created.load(std::sync::atomic::Ordering::SeqCst);
+    let temp = node.take_temp();
+    let dir = node.dir.clone();
+    drop(node);
+
+    let node = Node::start_in(&dir, &[]).await;
+    let mut users = BTreeMap::new();
+    let mut directory = BTreeSet::new();
+    for shard in 0..4 {
+        let db = shard_db(&dir, shard).await;
+        let prepared: i64 = db.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.unwrap().get(0);
+        assert_eq!(prepared, 0);
+        for r in db.query("SELECT id, lower(username), lower(email) FROM users", &[]).await.unwrap() {
+            users.insert(r.get::<_, Uuid>(0), (r.get::<_, String>(1), r.get::<_, String>(2)));
+        }
+        for r in db.query("SELECT kind, key, user_id FROM directory", &[]).await.unwrap() {
+            directory.insert((r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, Uuid>(2)));
+        }
+        let orphans: i64 = db
+            .query_one(
+                "SELECT count(*) FROM users u WHERE NOT EXISTS (SELECT 1 FROM profiles p WHERE p.user_id = u.id)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(orphans, 0, "a user without a profile");
+    }
+    assert!(users.len() >= acknowledged, "{} users stored, {acknowledged} acknowledged", users.len());
+    let expected: BTreeSet<(String, String, Uuid)> = users
+        .iter()
+        .flat_map(|(id, (name, email))| {
+            [("username".to_owned(), name.clone(), *id), ("email".to_owned(), email.clone(), *id)]
+        })
+        .collect();
+    assert_eq!(directory, expected, "directory and users disagree");
+    // And the node works: a user created before the crash can log in.
+    assert_eq!(node.login("w0u0", PASSWORD).await.status(), 200);
+    drop(node);
+    drop(temp);
+}
+
+#[tokio::test]
+async fn a_burst_of_logins_does_not_stall_other_requests() {
+    let node = Node::start(&["--bcrypt-cost", "10"]).await;
+    let ada = node.user("ada").await;
+    let burst = tokio::spawn({
+        let client = node.client.clone();
+        let url = node.url("/api/v1/auth/login");
+        async move {
+            let sends =
+                (0..24).map(|_| client.post(&url).json(&json!({ "username": "ada", "password": PASSWORD })).send());
+            let results = futures_util::future::join_all(sends).await;
+            results.into_iter().filter(|r| r.as_ref().is_ok_and(|r| r.status() == 200)).count()
+        }
+    });
+    // While the burst is being hashed, reads are answered.
+    let res = node.req(Method::GET, &format!("/api/v1/users/{}", ada.id), &ada).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(!burst.is_finished(), "the read waited for the whole burst of logins");
+    assert_eq!(burst.await.unwrap(), 24);
+}
