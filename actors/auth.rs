@@ -225,16 +225,20 @@ impl Handler<VerifyToken> for AuthActor {
     type Result = Result<Caller, ApiError>;
     fn handle(&mut self, msg: VerifyToken, _: &mut Self::Context) -> Self::Result {
         let invalid = || ApiError::Unauthorized("the access token is invalid or expired".into());
-        let data = jsonwebtoken::decode::<Claims>(&msg.0, &self.keys.decoding, &self.keys.validation)
-            .map_err(|_| invalid())?;
+        let data = jsonwebtoken::decode::<Claims>(&msg.0, &self.keys.decoding, &self.keys.validation).map_err(|e| {
+            warn!("access token rejected"; "reason" => format!("{:?}", e.kind()));
+            invalid()
+        })?;
         let claims = data.claims;
         if claims.iat > Utc::now().timestamp() + LEEWAY_SECS as i64 {
+            warn!("access token rejected"; "reason" => "issued in the future", "user_id" => %claims.sub);
             return Err(invalid());
         }
         if !self.loaded.get(self.shards.shard_of(&claims.sub)).copied().unwrap_or(false) {
             return Err(ApiError::Unavailable("token revocations for this user are not loaded yet".into()));
         }
         if self.revoked.contains_key(&claims.jti) {
+            warn!("access token rejected"; "reason" => "revoked", "user_id" => %claims.sub);
             return Err(ApiError::Unauthorized("the access token has been revoked".into()));
         }
         Ok(Caller { user_id: claims.sub, jti: claims.jti, expires_at: claims.exp })
