@@ -65,6 +65,7 @@ pub struct AuthActor {
     shards: Shards,
     revoked: HashMap<Uuid, i64>,
     loaded: Vec<bool>,
+    restarts: u32,
 }
 
 async fn bcrypt_work<T: Send + 'static>(keys: &Keys, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
@@ -97,6 +98,7 @@ impl AuthActor {
             shards,
             revoked: HashMap::new(),
             loaded,
+            restarts: 0,
         })
     }
 
@@ -139,7 +141,8 @@ impl Actor for AuthActor {
 
 impl Supervised for AuthActor {
     fn restarting(&mut self, _: &mut Self::Context) {
-        warn!("actor restarting"; "actor" => "AuthActor", "reason" => "stopped", "count" => 1);
+        self.restarts += 1;
+        warn!("actor restarting"; "actor" => "AuthActor", "reason" => "stopped", "count" => self.restarts);
     }
 }
 
