@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use slog_scope::{info, warn};
 
 use crate::actors::auth::{AuthActor, IsReady};
+use crate::actors::control::ControlActor;
 use crate::actors::event_hub::EventHub;
 use crate::actors::http::HttpActor;
 use crate::actors::shard::{ShardActor, ShardEnv, ShardState};
@@ -76,12 +77,9 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let socket_path = data_dir.join("control.sock") /*TEMP*/;
-    let control = {
-        let _ = std::fs::remove_file(&socket_path);
-        std::os::unix::net::UnixListener::bind(&socket_path)
-    } /*TEMP*/
-    .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
+    let socket_path = crate::control::socket_path(&data_dir);
+    let control = crate::control::bind(&socket_path)
+        .with_context(|| format!("cannot open the control socket {}", socket_path.display()))?;
     info!("node starting"; "data_dir" => %data_dir.display(), "pid" => std::process::id());
 
     let (pg, urls) = match &config.storage {
@@ -202,7 +200,7 @@ async fn start(
     .context("cannot start the HTTPS server")?
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
-    drop(control); /*TEMP*/
+    ControlActor::new(control, supervisor.clone(), shards.clone()).start();
     watch_signals(supervisor.clone());
 
     // Ready: wait for the shards, then tell the world where we are.
@@ -232,7 +230,7 @@ async fn start(
         api_url: api_url.clone(),
         tls_cert: tls_files.cert.clone(),
         data_dir: data_dir.clone(),
-        control_socket: data_dir.join("control.sock"), /*TEMP*/
+        control_socket: crate::control::socket_path(data_dir),
         started_at: chrono::Utc::now(),
     };
     write_node_info(data_dir, &info)?;

@@ -1,25 +1,24 @@
-// TEMPORARY minimal entry point (replaced by the CLI).
-use clap::Parser;
+//! The `cosmicsync` binary: parses the command line and runs one command (see `cli`).
+//!
+//! `main` is a plain function, not `#[actix::main]`: `start` builds its own actix System
+//! inside `cosmicsync::boot::run_node`, after the logger, so the logger outlives the
+//! runtime. Errors are printed once, here, with their causes; nothing below may exit the
+//! process itself.
 
-#[derive(Parser)]
-struct Cli {
-    #[arg(long, global = true)]
-    data_dir: Option<std::path::PathBuf>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
+mod cli;
 
-#[derive(clap::Subcommand)]
-enum Cmd {
-    Start(cosmicsync::config::NodeArgs),
-}
+use std::process::ExitCode;
 
-fn main() {
-    let cli = Cli::parse();
-    let Cmd::Start(args) = cli.cmd;
-    let global = cosmicsync::config::GlobalOptions { data_dir: cli.data_dir, ..Default::default() };
-    if let Err(e) = cosmicsync::boot::run_node(global, args) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    // Usage errors and --help/--version are handled by clap (exit 2 and 0).
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -218,3 +218,21 @@ pub fn client_trusting(cert: &Path) -> reqwest::Client {
         .build()
         .expect("client")
 }
+
+impl Node {
+    /// A handle on a node this test did not spawn (e.g. `cosmicsync start --detach`),
+    /// found through `<dir>/node.json`. Dropping it stops the node's PostgreSQL if it
+    /// still runs, but not the node process: the caller stops that.
+    pub fn attach(dir: &Path) -> Node {
+        let text = std::fs::read_to_string(dir.join("node.json")).expect("node.json");
+        let info: Value = serde_json::from_str(&text).expect("node.json is JSON");
+        Node {
+            dir: dir.to_owned(),
+            _temp: None,
+            child: None,
+            api: info["api_url"].as_str().expect("api_url").to_owned(),
+            client: client_trusting(Path::new(info["tls_cert"].as_str().expect("tls_cert"))),
+            info,
+        }
+    }
+}
