@@ -134,6 +134,12 @@ async fn user_journey() {
     assert_eq!(status["shards"].as_array().unwrap().len(), 4);
     assert_eq!(status["ready"], true);
 
+    // No password or token ever reaches the log.
+    let log = node.log();
+    assert!(log.contains("user registered") && log.contains("login"), "the log records the journey");
+    assert!(!log.contains(PASSWORD), "a password in the log");
+    assert!(!log.contains(&ada.token), "a token in the log");
+
     // Logout revokes the token, also after a restart.
     let res = node.req(Method::POST, "/api/v1/auth/logout", &ada).send().await.unwrap();
     assert_eq!(res.status(), 204);
