@@ -161,7 +161,7 @@ async fn start(
         addrs.push(Supervisor::start(move |_| ShardActor::new(index, pg, pool, env)));
     }
     let shards = Shards::new(addrs);
-    let hub = hub_ctx.run(EventHub /*TEMP*/);
+    let hub = hub_ctx.run(EventHub::new(sequencer.peek(), shards.clone()));
 
     let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
     let auth = AuthActor::new(&secret, config.token_ttl_secs, config.bcrypt_cost, shards.clone())

@@ -149,6 +149,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .service(resource("/auth/login").route(web::post().to(session::login)))
                 .service(resource("/auth/logout").route(web::post().to(session::logout)))
                 .service(resource("/network/status").route(web::get().to(network::status)))
+                .service(resource("/ws").route(web::get().to(ws::ws_endpoint)))
                 .default_service(web::to(not_found)),
         )
         .default_service(web::to(not_found));

@@ -236,3 +236,43 @@ impl Node {
         }
     }
 }
+
+/// A client WebSocket to a node.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Node {
+    /// Opens `wss://…/api/v1/ws`, trusting the node's certificate; with `token`, it goes
+    /// in an `Authorization: Bearer` header on the upgrade request.
+    pub async fn ws(&self, token: Option<&str>) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/api/v1/ws", self.api.replacen("https://", "wss://", 1));
+        let mut request = url.into_client_request().expect("WebSocket request");
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().expect("header value");
+            request.headers_mut().insert("authorization", value);
+        }
+        let connector = tokio_tungstenite::Connector::Rustls(self.rustls_config());
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, false, Some(connector))
+            .await
+            .expect("WebSocket connect");
+        ws
+    }
+
+    /// A rustls client configuration trusting only the node's certificate.
+    pub fn rustls_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let cert = Path::new(self.info["tls_cert"].as_str().expect("tls_cert"));
+        let mut roots = rustls::RootCertStore::empty();
+        for der in CertificateDer::pem_file_iter(cert).expect("read node certificate") {
+            roots.add(der.expect("certificate")).expect("trust the node certificate");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        std::sync::Arc::new(config)
+    }
+}
