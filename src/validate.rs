@@ -152,9 +152,16 @@ mod tests {
     #[test]
     fn emails() {
         assert_eq!(email("  ada@example.org ").unwrap(), "ada@example.org");
-        for bad in
-            ["ada", "ada@", "@example.org", "ada@example", "a da@example.org", "ada@exa..mple.org", "ada@exa\nmple.org", "ad\u{0}a@example.org"]
-        {
+        for bad in [
+            "ada",
+            "ada@",
+            "@example.org",
+            "ada@example",
+            "a da@example.org",
+            "ada@exa..mple.org",
+            "ada@exa\nmple.org",
+            "ad\u{0}a@example.org",
+        ] {
             assert!(email(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(email_key("Ada@Example.ORG"), "ada@example.org");
