@@ -349,7 +349,7 @@ pub struct Unsubscribe(pub SubscriptionId);
 pub struct HubStats;
 
 /// The hub's numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 pub struct HubStatus {
     /// Subscribed WebSocket sessions.
     pub sessions: usize,

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use slog_scope::info;
 use utoipa::ToSchema;
 
+use crate::actors::event_hub::{EventHub, HubStats, HubStatus};
 use crate::actors::http::{HttpActor, StopServer};
 use crate::actors::shard::ShardHealth;
 use crate::actors::shards::Shards;
@@ -33,12 +34,11 @@ pub struct StatusReport {
     pub storage: String,
     /// True when every shard is up.
     pub ready: bool,
-    #[schema(value_type = Vec<Object>)]
-    pub shards: Vec<ShardHealthView>,
+    pub shards: Vec<ShardHealth>,
+    /// WebSocket sessions and the last change sequence number delivered to them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<HubStatus>,
 }
-
-/// A shard's health as reported (same fields as `ShardHealth`).
-pub type ShardHealthView = serde_json::Value;
 
 /// Static facts about the node.
 #[derive(Debug, Clone)]
@@ -53,14 +53,15 @@ pub struct NodeSupervisor {
     facts: NodeFacts,
     started: Instant,
     shards: Shards,
+    hub: Addr<EventHub>,
     http: Option<Addr<HttpActor>>,
     stopping: bool,
 }
 
 impl NodeSupervisor {
     /// A supervisor over already-started children.
-    pub fn new(facts: NodeFacts, shards: Shards) -> Self {
-        Self { facts, started: Instant::now(), shards, http: None, stopping: false }
+    pub fn new(facts: NodeFacts, shards: Shards, hub: Addr<EventHub>) -> Self {
+        Self { facts, started: Instant::now(), shards, hub, http: None, stopping: false }
     }
 }
 
@@ -103,8 +104,10 @@ impl Handler<GetStatus> for NodeSupervisor {
         let shards = self.shards.clone();
         let facts = self.facts.clone();
         let uptime_secs = self.started.elapsed().as_secs();
+        let hub = self.hub.clone();
         Box::pin(async move {
             let health: Vec<ShardHealth> = shards.health().await;
+            let events = hub.send(HubStats).await.ok();
             let ready = health.iter().all(|h| h.state == crate::actors::shard::ShardState::Up);
             StatusReport {
                 node_id: facts.node_id,
@@ -114,7 +117,8 @@ impl Handler<GetStatus> for NodeSupervisor {
                 api_url: facts.api_url,
                 storage: facts.storage,
                 ready,
-                shards: health.iter().map(|h| serde_json::to_value(h).unwrap_or_default()).collect(),
+                shards: health,
+                events,
             }
         })
     }

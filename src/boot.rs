@@ -179,7 +179,7 @@ async fn start(
         Storage::Urls(_) => "external",
     };
     let facts = NodeFacts { node_id: node_id.clone(), api_url: api_url.clone(), storage: storage.into() };
-    let supervisor = NodeSupervisor::new(facts, shards.clone()).start();
+    let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone()).start();
     let state = AppState {
         shards: shards.clone(),
         auth: auth.clone(),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use slog_scope::{error, info, warn};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -36,7 +36,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Where a shard stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ShardState {
     /// Connecting (first start or after a restart).
@@ -48,7 +48,7 @@ pub enum ShardState {
 }
 
 /// A shard's health as reported to `/readyz`, `/network/status` and `cosmicsync status`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ShardHealth {
     pub shard: usize,
     pub state: ShardState,

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use cosmicsync::actors::shard::ShardState;
 use cosmicsync::actors::supervisor::StatusReport;
 use cosmicsync::boot::read_node_info;
 use cosmicsync::control::{self, ControlError, Request, Response};
@@ -85,17 +86,26 @@ fn summary(r: &StatusReport) -> String {
     let _ = writeln!(out, "storage:  {}", r.storage);
     let _ = writeln!(out, "ready:    {}", if r.ready { "yes" } else { "no" });
     let _ = writeln!(out, "shards:   {}", r.shards.len());
-    for (i, shard) in r.shards.iter().enumerate() {
-        // Shard health is a loose JSON object on the wire: show what is there.
-        let index = shard.get("shard").and_then(|v| v.as_u64()).map_or_else(|| i.to_string(), |n| n.to_string());
-        let state = shard.get("state").and_then(|v| v.as_str()).unwrap_or("unknown");
-        let restarts = shard.get("restarts").and_then(|v| v.as_u64()).unwrap_or(0);
-        let since = shard.get("since_secs").and_then(|v| v.as_u64()).map(duration).unwrap_or_default();
-        let _ = write!(out, "  shard {index:<3} {state:<11} restarts {restarts:<4} for {since}");
-        if let Some(error) = shard.get("last_error").and_then(|v| v.as_str()) {
+    for shard in &r.shards {
+        let state = match shard.state {
+            ShardState::Up => "up",
+            ShardState::Down => "down",
+            ShardState::Connecting => "connecting",
+        };
+        let _ = write!(
+            out,
+            "  shard {:<3} {state:<11} restarts {:<4} for {}",
+            shard.shard,
+            shard.restarts,
+            duration(shard.since_secs)
+        );
+        if let Some(error) = &shard.last_error {
             let _ = write!(out, "  last error: {error}");
         }
         out.push('\n');
+    }
+    if let Some(events) = &r.events {
+        let _ = writeln!(out, "events:   {} WebSocket sessions, delivered up to seq {}", events.sessions, events.seq);
     }
     out
 }
@@ -114,7 +124,8 @@ fn duration(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use cosmicsync::actors::event_hub::HubStatus;
+    use cosmicsync::actors::shard::ShardHealth;
 
     #[test]
     fn durations_read_naturally() {
@@ -134,16 +145,23 @@ mod tests {
             storage: "embedded".into(),
             ready: false,
             shards: vec![
-                json!({"shard": 0, "state": "up", "since_secs": 5, "restarts": 0}),
-                json!({"shard": 1, "state": "down", "since_secs": 2, "restarts": 3, "last_error": "refused"}),
-                json!("something unexpected"),
+                ShardHealth { shard: 0, state: ShardState::Up, since_secs: 5, restarts: 0, last_error: None },
+                ShardHealth {
+                    shard: 1,
+                    state: ShardState::Down,
+                    since_secs: 2,
+                    restarts: 3,
+                    last_error: Some("refused".into()),
+                },
             ],
+            events: Some(HubStatus { sessions: 2, seq: 17, pending_reports: 0 }),
         };
         let text = summary(&report);
-        for needle in ["node:     abc", "pid:      42", "uptime:   1m 1s", "ready:    no", "shards:   3"] {
+        for needle in
+            ["node:     abc", "pid:      42", "uptime:   1m 1s", "ready:    no", "shards:   2", "2 WebSocket sessions"]
+        {
             assert!(text.contains(needle), "{needle:?} missing from\n{text}");
         }
         assert!(text.contains("shard 1   down        restarts 3    for 2s  last error: refused"), "{text}");
-        assert!(text.contains("shard 2   unknown"), "{text}");
     }
 }
