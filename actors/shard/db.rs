@@ -104,6 +104,32 @@ struct NewChange {
     data: serde_json::Value,
 }
 
+impl NewChange {
+    fn user(op: Op, u: &UserRow) -> Self {
+        Self {
+            entity: Entity::User,
+            op,
+            id: u.id,
+            owner_id: u.id,
+            vclock: u.vclock.clone(),
+            data: to_json(&u.view(None)),
+        }
+    }
+
+    fn profile(op: Op, p: &Profile) -> Self {
+        Self { entity: Entity::Profile, op, id: p.id, owner_id: p.user_id, vclock: p.vclock.clone(), data: to_json(p) }
+    }
+
+    fn project(op: Op, p: &Project) -> Self {
+        let data = match op {
+            // A tombstone: enough to identify what went, nothing more.
+            Op::Delete => serde_json::json!({ "id": p.id, "creator_id": p.creator_id, "deleted_at": p.updated_at }),
+            _ => to_json(p),
+        };
+        Self { entity: Entity::Project, op, id: p.id, owner_id: p.creator_id, vclock: p.vclock.clone(), data }
+    }
+}
+
 const USER_COLUMNS: &str =
     "id, username, email, password_hash, profile_id, created_at, updated_at, password_changed_at, vclock";
 const PROFILE_COLUMNS: &str = "id, user_id, name, bio, skills, interests, created_at, updated_at, vclock";
@@ -215,6 +241,12 @@ impl Db {
         tx.commit().await.map_err(|e| self.fail(e))?;
         pending.committed();
         Ok(())
+    }
+
+    /// Logs the changes and commits: the last step of every write.
+    async fn log_and_commit(&self, tx: Transaction<'_>, changes: Vec<NewChange>) -> Result<(), StoreError> {
+        let pending = self.log_changes(&tx, changes).await?;
+        self.commit(tx, pending).await
     }
 
     /// Allocates sequence numbers and writes the change-log entries, last thing before
@@ -389,30 +421,8 @@ impl Db {
         )
         .await
         .map_err(|e| self.fail(e))?;
-        let pending = self
-            .log_changes(
-                &tx,
-                vec![
-                    NewChange {
-                        entity: Entity::User,
-                        op: Op::Create,
-                        id: user.id,
-                        owner_id: user.id,
-                        vclock: user.vclock.clone(),
-                        data: to_json(&user.view(None)),
-                    },
-                    NewChange {
-                        entity: Entity::Profile,
-                        op: Op::Create,
-                        id: profile.id,
-                        owner_id: user.id,
-                        vclock: profile.vclock.clone(),
-                        data: to_json(&profile),
-                    },
-                ],
-            )
+        self.log_and_commit(tx, vec![NewChange::user(Op::Create, &user), NewChange::profile(Op::Create, &profile)])
             .await?;
-        self.commit(tx, pending).await?;
         Ok(user)
     }
 
@@ -472,20 +482,7 @@ impl Db {
         )
         .await
         .map_err(|e| self.fail(e))?;
-        let pending = self
-            .log_changes(
-                &tx,
-                vec![NewChange {
-                    entity: Entity::User,
-                    op: Op::Update,
-                    id: user.id,
-                    owner_id: user.id,
-                    vclock: user.vclock.clone(),
-                    data: to_json(&user.view(None)),
-                }],
-            )
-            .await?;
-        self.commit(tx, pending).await?;
+        self.log_and_commit(tx, vec![NewChange::user(Op::Update, &user)]).await?;
         Ok(user)
     }
 
@@ -603,20 +600,7 @@ impl Db {
         )
         .await
         .map_err(|e| self.fail(e))?;
-        let pending = self
-            .log_changes(
-                &tx,
-                vec![NewChange {
-                    entity: Entity::Profile,
-                    op: Op::Update,
-                    id: p.id,
-                    owner_id: p.user_id,
-                    vclock: p.vclock.clone(),
-                    data: to_json(&p),
-                }],
-            )
-            .await?;
-        self.commit(tx, pending).await?;
+        self.log_and_commit(tx, vec![NewChange::profile(Op::Update, &p)]).await?;
         Ok(p)
     }
 
@@ -643,20 +627,7 @@ impl Db {
             Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => StoreError::NotFound("user"),
             _ => self.fail(e),
         })?;
-        let pending = self
-            .log_changes(
-                &tx,
-                vec![NewChange {
-                    entity: Entity::Project,
-                    op: Op::Create,
-                    id: p.id,
-                    owner_id: p.creator_id,
-                    vclock: p.vclock.clone(),
-                    data: to_json(p),
-                }],
-            )
-            .await?;
-        self.commit(tx, pending).await?;
+        self.log_and_commit(tx, vec![NewChange::project(Op::Create, p)]).await?;
         Ok(project)
     }
 
@@ -715,20 +686,7 @@ impl Db {
         )
         .await
         .map_err(|e| self.fail(e))?;
-        let pending = self
-            .log_changes(
-                &tx,
-                vec![NewChange {
-                    entity: Entity::Project,
-                    op: Op::Update,
-                    id: p.id,
-                    owner_id: p.creator_id,
-                    vclock: p.vclock.clone(),
-                    data: to_json(&p),
-                }],
-            )
-            .await?;
-        self.commit(tx, pending).await?;
+        self.log_and_commit(tx, vec![NewChange::project(Op::Update, &p)]).await?;
         Ok(p)
     }
 
@@ -737,28 +695,15 @@ impl Db {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         let mut p = self.lock_project(&tx, id, caller, if_match.as_deref()).await?;
-        let now = crate::model::now();
+        p.updated_at = crate::model::now();
         p.vclock.increment(&self.env.node_id);
         tx.execute(
             "UPDATE projects SET deleted_at = $2, updated_at = $2, vclock = $3 WHERE id = $1",
-            &[&p.id, &now, &Json(&p.vclock)],
+            &[&p.id, &p.updated_at, &Json(&p.vclock)],
         )
         .await
         .map_err(|e| self.fail(e))?;
-        let pending = self
-            .log_changes(
-                &tx,
-                vec![NewChange {
-                    entity: Entity::Project,
-                    op: Op::Delete,
-                    id: p.id,
-                    owner_id: p.creator_id,
-                    vclock: p.vclock.clone(),
-                    data: serde_json::json!({ "id": p.id, "creator_id": p.creator_id, "deleted_at": now }),
-                }],
-            )
-            .await?;
-        self.commit(tx, pending).await
+        self.log_and_commit(tx, vec![NewChange::project(Op::Delete, &p)]).await
     }
 
     /// Live projects, newest first, optionally of one creator and older than a cursor.
