@@ -3,12 +3,15 @@
 //! bcrypt runs on the blocking pool behind a semaphore sized to the machine, so a burst
 //! of logins queues there and never stalls the actor threads serving other requests.
 //! Tokens are HS256 JWTs (`sub`, `exp`, `iat`, `nbf`, `jti`) signed with a key from the
-//! data directory. Revocations are persisted on the user's shard and held in memory; a
-//! token of a user whose shard's revocations are not loaded yet is refused with 503
-//! rather than trusted. It must never log or return a password, hash, token or key.
+//! data directory. Revocations are persisted on the user's shard and held in memory in a
+//! `TokenVerifier` that HTTP workers read directly (checking a token is a pure
+//! computation on every request: a round trip to the actor would cost more than the
+//! check); the actor is the verifier's only writer. A token of a user whose shard's
+//! revocations are not loaded yet is refused with 503 rather than trusted. It must never
+//! log or return a password, hash, token or key.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -22,6 +25,7 @@ use uuid::Uuid;
 use crate::actors::shard::{Revocations, RevokeToken};
 use crate::actors::shards::Shards;
 use crate::model::TokenResponse;
+use crate::placement::Router;
 use crate::problem::ApiError;
 
 /// Seconds of clock skew tolerated when checking `exp`, `nbf` and `iat`.
@@ -49,8 +53,6 @@ pub struct Caller {
 /// Everything a login or hash needs, shared with the tasks doing the work.
 struct Keys {
     encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
     ttl_secs: u64,
     cost: u32,
     gate: Semaphore,
@@ -59,12 +61,79 @@ struct Keys {
     decoy_hash: String,
 }
 
+/// Revocations as the verifier sees them.
+#[derive(Default)]
+struct RevocationSet {
+    /// Revoked token ids and when each token expires (Unix seconds).
+    jtis: HashMap<Uuid, i64>,
+    /// Per shard: are its revocations loaded?
+    loaded: Vec<bool>,
+}
+
+/// Checks access tokens; shared by every HTTP worker, written only by the AuthActor.
+pub struct TokenVerifier {
+    decoding: DecodingKey,
+    validation: Validation,
+    router: Router,
+    revocations: RwLock<RevocationSet>,
+}
+
+impl TokenVerifier {
+    fn new(secret: &[u8], shards: usize) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iat", "nbf", "sub", "jti"]);
+        Self {
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            router: Router::new(shards as u32),
+            revocations: RwLock::new(RevocationSet { jtis: HashMap::new(), loaded: vec![false; shards] }),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, RevocationSet> {
+        self.revocations.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, RevocationSet> {
+        self.revocations.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True once the revocations of every shard are loaded (tokens can be checked).
+    pub fn is_ready(&self) -> bool {
+        self.read().loaded.iter().all(|l| *l)
+    }
+
+    /// Verifies an access token: signature (HS256 only), time claims, revocation.
+    pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        let invalid = || ApiError::Unauthorized("the access token is invalid or expired".into());
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+            warn!("access token rejected"; "reason" => format!("{:?}", e.kind()));
+            invalid()
+        })?;
+        let claims = data.claims;
+        if claims.iat > Utc::now().timestamp() + LEEWAY_SECS as i64 {
+            warn!("access token rejected"; "reason" => "issued in the future", "user_id" => %claims.sub);
+            return Err(invalid());
+        }
+        let set = self.read();
+        if !set.loaded.get(self.router.shard_of(&claims.sub)).copied().unwrap_or(false) {
+            return Err(ApiError::Unavailable("token revocations for this user are not loaded yet".into()));
+        }
+        if set.jtis.contains_key(&claims.jti) {
+            warn!("access token rejected"; "reason" => "revoked", "user_id" => %claims.sub);
+            return Err(ApiError::Unauthorized("the access token has been revoked".into()));
+        }
+        Ok(Caller { user_id: claims.sub, jti: claims.jti, expires_at: claims.exp })
+    }
+}
+
 /// The actor.
 pub struct AuthActor {
     keys: Arc<Keys>,
+    verifier: Arc<TokenVerifier>,
     shards: Shards,
-    revoked: HashMap<Uuid, i64>,
-    loaded: Vec<bool>,
     restarts: u32,
 }
 
@@ -76,30 +145,27 @@ async fn bcrypt_work<T: Send + 'static>(keys: &Keys, work: impl FnOnce() -> T + 
 impl AuthActor {
     /// An auth actor signing with `secret` (at least 32 bytes).
     pub fn new(secret: &[u8], ttl_secs: u64, cost: u32, shards: Shards) -> Result<Self, bcrypt::BcryptError> {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "iat", "nbf", "sub", "jti"]);
         let mut decoy = [0u8; 24];
         rand::fill(&mut decoy);
         let decoy_hash = bcrypt::hash(hex::encode(decoy), cost)?;
         let workers = std::thread::available_parallelism().map(|n| n.get().div_ceil(2)).unwrap_or(1);
-        let loaded = vec![false; shards.len()];
         Ok(Self {
             keys: Arc::new(Keys {
                 encoding: EncodingKey::from_secret(secret),
-                decoding: DecodingKey::from_secret(secret),
-                validation,
                 ttl_secs,
                 cost,
                 gate: Semaphore::new(workers),
                 decoy_hash,
             }),
+            verifier: Arc::new(TokenVerifier::new(secret, shards.len())),
             shards,
-            revoked: HashMap::new(),
-            loaded,
             restarts: 0,
         })
+    }
+
+    /// The verifier HTTP workers check tokens with.
+    pub fn verifier(&self) -> Arc<TokenVerifier> {
+        self.verifier.clone()
     }
 
     fn load_revocations(&self, ctx: &mut Context<Self>, shard: usize) {
@@ -107,12 +173,14 @@ impl AuthActor {
         ctx.spawn(async move { shards.ask(shard, Revocations {}).await }.into_actor(self).map(move |res, act, ctx| {
             match res {
                 Ok(list) => {
+                    let mut set = act.verifier.write();
                     for (jti, exp) in list {
-                        act.revoked.insert(jti, exp.timestamp());
+                        set.jtis.insert(jti, exp.timestamp());
                     }
-                    if let Some(flag) = act.loaded.get_mut(shard) {
+                    if let Some(flag) = set.loaded.get_mut(shard) {
                         *flag = true;
                     }
+                    drop(set);
                     info!("token revocations loaded"; "shard" => shard);
                 }
                 Err(_) => {
@@ -127,14 +195,14 @@ impl Actor for AuthActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        for shard in 0..self.loaded.len() {
-            if !self.loaded[shard] {
-                self.load_revocations(ctx, shard);
-            }
+        let unloaded: Vec<usize> =
+            self.verifier.read().loaded.iter().enumerate().filter(|(_, l)| !**l).map(|(s, _)| s).collect();
+        for shard in unloaded {
+            self.load_revocations(ctx, shard);
         }
         ctx.run_interval(Duration::from_secs(60), |act, _| {
             let now = Utc::now().timestamp() - LEEWAY_SECS as i64;
-            act.revoked.retain(|_, exp| *exp >= now);
+            act.verifier.write().jtis.retain(|_, exp| *exp >= now);
         });
     }
 }
@@ -143,18 +211,6 @@ impl Supervised for AuthActor {
     fn restarting(&mut self, _: &mut Self::Context) {
         self.restarts += 1;
         warn!("actor restarting"; "actor" => "AuthActor", "reason" => "stopped", "count" => self.restarts);
-    }
-}
-
-/// True once the revocations of every shard are loaded (tokens can be checked).
-#[derive(Message)]
-#[rtype(result = "bool")]
-pub struct IsReady;
-
-impl Handler<IsReady> for AuthActor {
-    type Result = bool;
-    fn handle(&mut self, _: IsReady, _: &mut Self::Context) -> bool {
-        self.loaded.iter().all(|l| *l)
     }
 }
 
@@ -219,35 +275,6 @@ fn issue(keys: &Keys, user_id: Uuid) -> Result<TokenResponse, ApiError> {
     Ok(TokenResponse { access_token: token, token_type: "Bearer".into(), expires_in: keys.ttl_secs })
 }
 
-/// Verifies an access token: signature (HS256 only), time claims, revocation.
-#[derive(Message)]
-#[rtype(result = "Result<Caller, ApiError>")]
-pub struct VerifyToken(pub String);
-
-impl Handler<VerifyToken> for AuthActor {
-    type Result = Result<Caller, ApiError>;
-    fn handle(&mut self, msg: VerifyToken, _: &mut Self::Context) -> Self::Result {
-        let invalid = || ApiError::Unauthorized("the access token is invalid or expired".into());
-        let data = jsonwebtoken::decode::<Claims>(&msg.0, &self.keys.decoding, &self.keys.validation).map_err(|e| {
-            warn!("access token rejected"; "reason" => format!("{:?}", e.kind()));
-            invalid()
-        })?;
-        let claims = data.claims;
-        if claims.iat > Utc::now().timestamp() + LEEWAY_SECS as i64 {
-            warn!("access token rejected"; "reason" => "issued in the future", "user_id" => %claims.sub);
-            return Err(invalid());
-        }
-        if !self.loaded.get(self.shards.shard_of(&claims.sub)).copied().unwrap_or(false) {
-            return Err(ApiError::Unavailable("token revocations for this user are not loaded yet".into()));
-        }
-        if self.revoked.contains_key(&claims.jti) {
-            warn!("access token rejected"; "reason" => "revoked", "user_id" => %claims.sub);
-            return Err(ApiError::Unauthorized("the access token has been revoked".into()));
-        }
-        Ok(Caller { user_id: claims.sub, jti: claims.jti, expires_at: claims.exp })
-    }
-}
-
 /// Revokes the caller's token (logout); persisted before it answers.
 #[derive(Message)]
 #[rtype(result = "Result<(), ApiError>")]
@@ -268,7 +295,7 @@ impl Handler<Revoke> for AuthActor {
             .into_actor(self)
             .map(move |res, act, _| {
                 res?;
-                act.revoked.insert(caller.jti, caller.expires_at);
+                act.verifier.write().jtis.insert(caller.jti, caller.expires_at);
                 info!("logout"; "user_id" => %caller.user_id);
                 Ok(())
             }),

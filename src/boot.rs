@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use slog_scope::{info, warn};
 
-use crate::actors::auth::{AuthActor, IsReady};
+use crate::actors::auth::AuthActor;
 use crate::actors::control::ControlActor;
 use crate::actors::event_hub::EventHub;
 use crate::actors::http::HttpActor;
@@ -166,6 +166,7 @@ async fn start(
     let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
     let auth = AuthActor::new(&secret, config.token_ttl_secs, config.bcrypt_cost, shards.clone())
         .context("cannot prepare password hashing")?;
+    let tokens = auth.verifier();
     let auth = Supervisor::start(move |_| auth);
 
     let tls_files = crate::tls::ensure_files(config.tls.clone(), &data_dir.join("tls"))?;
@@ -182,7 +183,8 @@ async fn start(
     let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone()).start();
     let state = AppState {
         shards: shards.clone(),
-        auth: auth.clone(),
+        auth,
+        tokens: tokens.clone(),
         hub,
         supervisor: supervisor.clone(),
         ws_queue: config.ws_queue,
@@ -207,7 +209,7 @@ async fn start(
     let deadline = Instant::now() + READY_DEADLINE;
     loop {
         let health = shards.health().await;
-        let auth_ready = auth.send(IsReady).await.unwrap_or(false);
+        let auth_ready = tokens.is_ready();
         if auth_ready && health.iter().all(|h| h.state == ShardState::Up) {
             // A prepared transaction found now was left by an earlier run (this one has
             // not served a write yet), so it can be settled at once, not after 30 s.

@@ -229,12 +229,9 @@ impl Db {
         })
     }
 
-    /// Starts a write transaction that gives up on a row lock after a few seconds
-    /// instead of queueing behind a stuck transaction forever.
+    /// Starts a write transaction (connections carry `lock_timeout`, see `ShardActor::new`).
     async fn begin<'a>(&self, client: &'a mut Client) -> Result<Transaction<'a>, StoreError> {
-        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
-        tx.batch_execute("SET LOCAL lock_timeout = '5s'").await.map_err(|e| self.fail(e))?;
-        Ok(tx)
+        client.transaction().await.map_err(|e| self.fail(e))
     }
 
     async fn commit(&self, tx: Transaction<'_>, pending: PendingChanges) -> Result<(), StoreError> {

@@ -81,6 +81,11 @@ impl ShardActor {
     pub fn new(index: usize, mut pg: tokio_postgres::Config, pool_size: usize, env: Arc<ShardEnv>) -> Self {
         pg.connect_timeout(HEALTH_TIMEOUT);
         pg.application_name("cosmicsync");
+        // A write gives up on a row lock after a few seconds instead of queueing behind a
+        // stuck transaction forever. Set per connection: no extra round trip per write.
+        let options =
+            pg.get_options().map(|o| format!("{o} -c lock_timeout=5s")).unwrap_or_else(|| "-c lock_timeout=5s".into());
+        pg.options(options);
         Self {
             index,
             pg,

@@ -8,7 +8,7 @@ use actix_web::{FromRequest, HttpRequest, web};
 use futures_util::future::LocalBoxFuture;
 
 use super::AppState;
-use crate::actors::auth::{Caller, VerifyToken};
+use crate::actors::auth::Caller;
 use crate::problem::ApiError;
 
 /// The caller of an endpoint that needs a valid access token.
@@ -21,9 +21,9 @@ pub fn bearer_token(req: &HttpRequest) -> Option<String> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim().to_owned())
 }
 
-/// Verifies a token with the AuthActor.
+/// Verifies a token against the AuthActor's published verifier (no actor round trip).
 pub async fn verify(state: &AppState, token: String) -> Result<Caller, ApiError> {
-    state.auth.send(VerifyToken(token)).await?
+    state.tokens.verify(&token)
 }
 
 impl FromRequest for Authenticated {

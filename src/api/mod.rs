@@ -21,7 +21,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::actors::auth::AuthActor;
+use crate::actors::auth::{AuthActor, TokenVerifier};
 use crate::actors::event_hub::EventHub;
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::NodeSupervisor;
@@ -34,6 +34,8 @@ use crate::vclock::VectorClock;
 pub struct AppState {
     pub shards: Shards,
     pub auth: Addr<AuthActor>,
+    /// Checks access tokens in the worker itself; the AuthActor keeps it up to date.
+    pub tokens: std::sync::Arc<TokenVerifier>,
     pub hub: Addr<EventHub>,
     pub supervisor: Addr<NodeSupervisor>,
     /// Events a WebSocket client may fall behind by before it is disconnected.
