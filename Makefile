@@ -3,7 +3,10 @@
 # runs its own cluster (src/embedded_pg.rs) and the tests start real ones.
 
 CARGO    ?= cargo
-DATA_DIR ?= ./cosmicsync-data
+# As root the node runs PostgreSQL as `postgres`, which must reach the data directory:
+# from a checkout under a private home (such as /root) use /var/lib/cosmicsync instead.
+DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$(CURDIR)" 2>/dev/null; \
+	then echo /var/lib/cosmicsync; else echo ./cosmicsync-data; fi)
 ARGS     ?=
 
 .DEFAULT_GOAL := help
