@@ -130,10 +130,23 @@ impl NewChange {
     }
 }
 
-const USER_COLUMNS: &str =
-    "id, username, email, password_hash, profile_id, created_at, updated_at, password_changed_at, vclock";
-const PROFILE_COLUMNS: &str = "id, user_id, name, bio, skills, interests, created_at, updated_at, vclock";
-const PROJECT_COLUMNS: &str = "id, creator_id, name, description, tags, created_at, updated_at, vclock";
+// Column lists as macros, so `concat!` builds every statement at compile time (no SQL
+// text assembled per request). The row readers below depend on this order.
+macro_rules! user_columns {
+    () => {
+        "id, username, email, password_hash, profile_id, created_at, updated_at, password_changed_at, vclock"
+    };
+}
+macro_rules! profile_columns {
+    () => {
+        "id, user_id, name, bio, skills, interests, created_at, updated_at, vclock"
+    };
+}
+macro_rules! project_columns {
+    () => {
+        "id, creator_id, name, description, tags, created_at, updated_at, vclock"
+    };
+}
 
 fn user_from(row: &Row) -> UserRow {
     UserRow {
@@ -354,7 +367,7 @@ impl Db {
     pub async fn get_user(&self, id: Uuid) -> Result<UserRow, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .prepare_cached(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
             .await
             .map_err(|e| self.fail(e))?;
         let row = client.query_opt(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
@@ -387,7 +400,7 @@ impl Db {
         self.record_commit(&tx, txid).await?;
         self.insert_claims(&tx, &local_claims).await?;
         tx.execute(
-            &format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            concat!("INSERT INTO users (", user_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             &[
                 &user.id,
                 &user.username,
@@ -403,7 +416,7 @@ impl Db {
         .await
         .map_err(|e| self.fail(e))?;
         tx.execute(
-            &format!("INSERT INTO profiles ({PROFILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            concat!("INSERT INTO profiles (", profile_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             &[
                 &profile.id,
                 &profile.user_id,
@@ -440,7 +453,7 @@ impl Db {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         let row = tx
-            .query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"), &[&id])
+            .query_opt(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1 FOR UPDATE"), &[&id])
             .await
             .map_err(|e| self.fail(e))?;
         let mut user = row.as_ref().map(user_from).ok_or(StoreError::NotFound("user"))?;
@@ -557,7 +570,7 @@ impl Db {
     pub async fn get_profile(&self, id: Uuid) -> Result<Profile, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!("SELECT {PROFILE_COLUMNS} FROM profiles WHERE id = $1"))
+            .prepare_cached(concat!("SELECT ", profile_columns!(), " FROM profiles WHERE id = $1"))
             .await
             .map_err(|e| self.fail(e))?;
         let row = client.query_opt(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
@@ -575,7 +588,7 @@ impl Db {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         let row = tx
-            .query_opt(&format!("SELECT {PROFILE_COLUMNS} FROM profiles WHERE id = $1 FOR UPDATE"), &[&id])
+            .query_opt(concat!("SELECT ", profile_columns!(), " FROM profiles WHERE id = $1 FOR UPDATE"), &[&id])
             .await
             .map_err(|e| self.fail(e))?;
         let mut p = row.as_ref().map(profile_from).ok_or(StoreError::NotFound("profile"))?;
@@ -609,8 +622,10 @@ impl Db {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         let stmt = tx
-            .prepare_cached(&format!(
-                "INSERT INTO projects ({PROJECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            .prepare_cached(concat!(
+                "INSERT INTO projects (",
+                project_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             ))
             .await
             .map_err(|e| self.fail(e))?;
@@ -631,7 +646,11 @@ impl Db {
     pub async fn get_project(&self, id: Uuid) -> Result<Project, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND deleted_at IS NULL"))
+            .prepare_cached(concat!(
+                "SELECT ",
+                project_columns!(),
+                " FROM projects WHERE id = $1 AND deleted_at IS NULL"
+            ))
             .await
             .map_err(|e| self.fail(e))?;
         let row = client.query_opt(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
@@ -647,7 +666,11 @@ impl Db {
     ) -> Result<Project, StoreError> {
         let row = tx
             .query_opt(
-                &format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"),
+                concat!(
+                    "SELECT ",
+                    project_columns!(),
+                    " FROM projects WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"
+                ),
                 &[&id],
             )
             .await
@@ -709,8 +732,10 @@ impl Db {
         let limit = query.limit as i64;
         let rows = client
             .query(
-                &format!(
-                    "SELECT {PROJECT_COLUMNS} FROM projects
+                concat!(
+                    "SELECT ",
+                    project_columns!(),
+                    " FROM projects
                      WHERE deleted_at IS NULL
                        AND ($1::uuid IS NULL OR creator_id = $1)
                        AND ($2::uuid IS NULL OR id < $2)
