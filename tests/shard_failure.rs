@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Node, TestUser, wait_for};
-use cosmicsync::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use common::{Node, PgGuard, TestUser, wait_for};
+use cosmicsync::embedded_pg::EmbeddedPostgres;
 use cosmicsync::placement::Router;
 use reqwest::Method;
 
@@ -24,8 +24,8 @@ async fn a_lost_shard_fails_alone_and_recovers() {
     }
     // Shards 0-2 on one server, shard 3 on a server of its own that the test stops.
     let dirs = tempfile::tempdir().unwrap();
-    let main_pg = EmbeddedPostgres::start(&EmbeddedOptions::new(dirs.path().join("a"))).unwrap();
-    let lone_pg = EmbeddedPostgres::start(&EmbeddedOptions::new(dirs.path().join("b"))).unwrap();
+    let main_pg = PgGuard::start(&dirs.path().join("a"));
+    let lone_pg = PgGuard::start(&dirs.path().join("b"));
     main_pg.ensure_databases(&["s0".into(), "s1".into(), "s2".into()]).unwrap();
     lone_pg.ensure_databases(&["s3".into()]).unwrap();
     let urls = [main_pg.url("s0"), main_pg.url("s1"), main_pg.url("s2"), lone_pg.url("s3")];
@@ -89,7 +89,6 @@ async fn a_lost_shard_fails_alone_and_recovers() {
     assert_eq!(node.client.get(node.url("/readyz")).send().await.unwrap().status(), 200);
     assert_eq!(node.info["pid"], pid);
     assert!(node.log().contains("shard up"));
+    // The node goes first, then the servers under it (guards drop in reverse order).
     drop(node);
-    let _ = main_pg.stop();
-    let _ = lone_pg.stop();
 }

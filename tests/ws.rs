@@ -503,15 +503,15 @@ async fn sessions_end_when_the_token_expires_or_auth_never_comes() {
 
 #[tokio::test]
 async fn a_replay_that_cannot_read_a_shard_says_so() {
-    use cosmicsync::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+    use cosmicsync::embedded_pg::EmbeddedPostgres;
     if EmbeddedPostgres::find_bin_dir(None).is_err() {
         eprintln!("SKIPPED: PostgreSQL server binaries not found (install the postgresql package)");
         return;
     }
     // Shards 0-2 on one server, shard 3 on a server of its own that the test stops.
     let dirs = tempfile::tempdir().expect("temp dir");
-    let main_pg = EmbeddedPostgres::start(&EmbeddedOptions::new(dirs.path().join("a"))).expect("main PostgreSQL");
-    let lone_pg = EmbeddedPostgres::start(&EmbeddedOptions::new(dirs.path().join("b"))).expect("lone PostgreSQL");
+    let main_pg = common::PgGuard::start(&dirs.path().join("a"));
+    let lone_pg = common::PgGuard::start(&dirs.path().join("b"));
     main_pg.ensure_databases(&["s0".into(), "s1".into(), "s2".into()]).expect("databases");
     lone_pg.ensure_databases(&["s3".into()]).expect("database");
     let urls = [main_pg.url("s0"), main_pg.url("s1"), main_pg.url("s2"), lone_pg.url("s3")];

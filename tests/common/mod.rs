@@ -191,6 +191,31 @@ impl Drop for Node {
     }
 }
 
+/// A PostgreSQL server a test started itself, stopped when the guard is dropped — also
+/// when the test panics, so no server outlives its test.
+pub struct PgGuard(pub cosmicsync::embedded_pg::EmbeddedPostgres);
+
+impl PgGuard {
+    /// Starts (or reuses) a cluster in `dir`.
+    pub fn start(dir: &Path) -> PgGuard {
+        let opts = cosmicsync::embedded_pg::EmbeddedOptions::new(dir);
+        PgGuard(cosmicsync::embedded_pg::EmbeddedPostgres::start(&opts).expect("start PostgreSQL"))
+    }
+}
+
+impl std::ops::Deref for PgGuard {
+    type Target = cosmicsync::embedded_pg::EmbeddedPostgres;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for PgGuard {
+    fn drop(&mut self) {
+        let _ = self.0.stop();
+    }
+}
+
 /// Stops a cluster under `<dir>/pg` if one runs.
 pub fn stop_cluster(dir: &Path) {
     let pg = dir.join("pg");
