@@ -211,8 +211,10 @@ async fn start(
         let health = shards.health().await;
         let auth_ready = tokens.is_ready();
         if auth_ready && health.iter().all(|h| h.state == ShardState::Up) {
-            // A prepared transaction found now was left by an earlier run (this one has
-            // not served a write yet), so it can be settled at once, not after 30 s.
+            // A prepared transaction found now was almost surely left by an earlier run:
+            // this one has not announced itself (node.json comes next). Settle it at once
+            // rather than after 30 s; were a write of this run caught, `Decide` makes it
+            // abort cleanly, never half-apply.
             let recovered = shards.recover_in_doubt(0).await;
             if recovered > 0 {
                 info!("settled cross-shard transactions left by the previous run"; "count" => recovered);

@@ -93,10 +93,8 @@ async fn transactions_left_in_doubt_are_settled_on_start() {
 
     // Leave two prepared directory claims behind, as a crash between the phases would:
     // one whose coordinator (shard 0) recorded a commit, one with no decision.
-    let pg = cosmicsync::embedded_pg::EmbeddedPostgres::start(&cosmicsync::embedded_pg::EmbeddedOptions::new(
-        dir.join("pg"),
-    ))
-    .unwrap();
+    // Guarded, so a failing step cannot leave this server running after the test.
+    let pg = common::PgGuard::start(&dir.join("pg"));
     let (committed, undecided) = (Uuid::now_v7(), Uuid::now_v7());
     let participant = shard_db(&dir, 1).await;
     for (txid, name) in [(committed, "ghost-committed"), (undecided, "ghost-undecided")] {
@@ -215,19 +213,35 @@ async fn a_crash_never_leaves_a_half_created_user() {
 async fn a_burst_of_logins_does_not_stall_other_requests() {
     let node = Node::start(&["--bcrypt-cost", "10"]).await;
     let ada = node.user("ada").await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let burst = tokio::spawn({
-        let client = node.client.clone();
-        let url = node.url("/api/v1/auth/login");
+        let (client, url, done) = (node.client.clone(), node.url("/api/v1/auth/login"), done.clone());
         async move {
-            let sends =
-                (0..24).map(|_| client.post(&url).json(&json!({ "username": "ada", "password": PASSWORD })).send());
-            let results = futures_util::future::join_all(sends).await;
-            results.into_iter().filter(|r| r.as_ref().is_ok_and(|r| r.status() == 200)).count()
+            let sends = (0..24).map(|_| async {
+                let ok = client
+                    .post(&url)
+                    .json(&json!({ "username": "ada", "password": PASSWORD }))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                ok
+            });
+            futures_util::future::join_all(sends).await.into_iter().filter(|ok| *ok).count()
         }
     });
-    // While the burst is being hashed, reads are answered.
-    let res = node.req(Method::GET, &format!("/api/v1/users/{}", ada.id), &ada).send().await.unwrap();
-    assert_eq!(res.status(), 200);
-    assert!(!burst.is_finished(), "the read waited for the whole burst of logins");
+    // Once the first login is back, the rest of the burst is queued for hashing. Reads
+    // made now must not queue behind hashes: if hashing ran on an actor thread, each read
+    // would wait for the hash in progress and these reads would outlast the burst.
+    wait_for("the burst to be under way", Duration::from_secs(60), || {
+        let n = done.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    for _ in 0..50 {
+        let res = node.req(Method::GET, &format!("/api/v1/users/{}", ada.id), &ada).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert!(!burst.is_finished(), "the reads waited for the burst of logins");
     assert_eq!(burst.await.unwrap(), 24);
 }

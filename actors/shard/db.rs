@@ -247,16 +247,13 @@ impl Db {
         client.transaction().await.map_err(|e| self.fail(e))
     }
 
-    async fn commit(&self, tx: Transaction<'_>, pending: PendingChanges) -> Result<(), StoreError> {
+    /// Logs the changes and commits: the last step of every write. The changes are
+    /// reported committed only after COMMIT succeeded (otherwise `pending` voids them).
+    async fn log_and_commit(&self, tx: Transaction<'_>, changes: Vec<NewChange>) -> Result<(), StoreError> {
+        let pending = self.log_changes(&tx, changes).await?;
         tx.commit().await.map_err(|e| self.fail(e))?;
         pending.committed();
         Ok(())
-    }
-
-    /// Logs the changes and commits: the last step of every write.
-    async fn log_and_commit(&self, tx: Transaction<'_>, changes: Vec<NewChange>) -> Result<(), StoreError> {
-        let pending = self.log_changes(&tx, changes).await?;
-        self.commit(tx, pending).await
     }
 
     /// Allocates sequence numbers and writes the change-log entries, last thing before

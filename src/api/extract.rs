@@ -1,11 +1,11 @@
 //! Request extractors shared by the handlers: the authenticated caller and `If-Match`.
 //!
-//! Authentication is a bearer token in `Authorization`, verified by the AuthActor. The
-//! token itself is never logged or echoed back.
+//! Authentication is a bearer token in `Authorization`, checked with the `TokenVerifier`
+//! the AuthActor publishes. The token itself is never logged or echoed back.
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpRequest, web};
-use futures_util::future::LocalBoxFuture;
+use futures_util::future::{Ready, ready};
 
 use super::AppState;
 use crate::actors::auth::Caller;
@@ -21,26 +21,22 @@ pub fn bearer_token(req: &HttpRequest) -> Option<String> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim().to_owned())
 }
 
-/// Verifies a token against the AuthActor's published verifier (no actor round trip).
-pub async fn verify(state: &AppState, token: String) -> Result<Caller, ApiError> {
-    state.tokens.verify(&token)
-}
-
 impl FromRequest for Authenticated {
     type Error = ApiError;
-    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+    // Checking a token needs no I/O, so the extractor is ready at once (nothing boxed).
+    type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let state = req.app_data::<web::Data<AppState>>().cloned();
-        let token = bearer_token(req);
-        Box::pin(async move {
-            let state = state.ok_or_else(|| ApiError::Internal("application state missing".into()))?;
-            let token = token.ok_or_else(|| {
-                ApiError::Unauthorized("an access token is required (Authorization: Bearer <token>)".into())
-            })?;
-            verify(&state, token).await.map(Authenticated)
-        })
+        ready(authenticate(req))
     }
+}
+
+fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
+    let state =
+        req.app_data::<web::Data<AppState>>().ok_or_else(|| ApiError::Internal("application state missing".into()))?;
+    let token = bearer_token(req)
+        .ok_or_else(|| ApiError::Unauthorized("an access token is required (Authorization: Bearer <token>)".into()))?;
+    state.tokens.verify(&token).map(Authenticated)
 }
 
 /// The raw `If-Match` header, if present (compared by the shard under the row lock).

@@ -33,7 +33,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use uuid::Uuid;
 
 use super::AppState;
-use super::extract::{bearer_token, verify};
+use super::extract::bearer_token;
 use crate::actors::auth::Caller;
 use crate::actors::event_hub::{Ended, Filter, HubMessage, Subscribe, SubscriptionId, Unsubscribe};
 use crate::model::ChangeEvent;
@@ -212,7 +212,7 @@ impl Conn {
     }
 
     async fn authenticate(&mut self, token: String) -> Result<Caller, Exit> {
-        match verify(&self.state, token).await {
+        match self.state.tokens.verify(&token) {
             Ok(caller) => {
                 self.send(&ServerMessage::Ready { user_id: caller.user_id, expires_at: caller.expires_at }).await?;
                 Ok(caller)

@@ -78,32 +78,35 @@ impl Node {
         // Cheap bcrypt through the environment, so a test can still override it with a flag.
         cmd.env("COSMICSYNC_BCRYPT_COST", "4");
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
-        let child = cmd.spawn().expect("start cosmicsync");
-        let pid = child.id();
-        let mut node = Node {
-            dir: dir.to_owned(),
-            _temp: None,
-            child: Some(child),
-            info: Value::Null,
-            api: String::new(),
-            client: reqwest::Client::new(),
-        };
+        let mut child = cmd.spawn().expect("start cosmicsync");
+        let pid = u64::from(child.id());
         let info = wait_for("node.json", Duration::from_secs(120), || {
-            let exited = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                panic!("node exited early ({status}); log:\n{}", node.log());
+            if let Some(status) = child.try_wait().ok().flatten() {
+                panic!("node exited early ({status}); log:\n{}", read_log(dir));
             }
-            let info = std::fs::read_to_string(dir.join("node.json"))
-                .ok()
-                .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-                .filter(|v| v["pid"].as_u64() == Some(u64::from(pid)));
+            let info = read_info(dir).filter(|v| v["pid"].as_u64() == Some(pid));
             async move { info }
         })
         .await;
-        node.api = info["api_url"].as_str().expect("api_url").to_owned();
-        node.client = client_trusting(Path::new(info["tls_cert"].as_str().expect("tls_cert")));
-        node.info = info;
-        node
+        Node::from_info(dir, info, Some(child))
+    }
+
+    /// A handle on a node this test did not spawn (e.g. `cosmicsync start --detach`),
+    /// found through `<dir>/node.json`. Dropping it stops the node's PostgreSQL if it
+    /// still runs, but not the node process: the caller stops that.
+    pub fn attach(dir: &Path) -> Node {
+        Node::from_info(dir, read_info(dir).expect("node.json"), None)
+    }
+
+    fn from_info(dir: &Path, info: Value, child: Option<Child>) -> Node {
+        Node {
+            dir: dir.to_owned(),
+            _temp: None,
+            child,
+            api: info["api_url"].as_str().expect("api_url").to_owned(),
+            client: client_trusting(Path::new(info["tls_cert"].as_str().expect("tls_cert"))),
+            info,
+        }
     }
 
     /// Takes the temp directory out, so the data outlives this node (for restarts).
@@ -113,7 +116,7 @@ impl Node {
 
     /// The node's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("test-node.log")).unwrap_or_default()
+        read_log(&self.dir)
     }
 
     /// `api_url` + `path`.
@@ -160,6 +163,41 @@ impl Node {
     /// A request with the user's token.
     pub fn req(&self, method: reqwest::Method, path: &str, user: &TestUser) -> reqwest::RequestBuilder {
         self.client.request(method, self.url(path)).bearer_auth(&user.token)
+    }
+
+    /// Opens `wss://…/api/v1/ws`, trusting the node's certificate; with `token`, it goes
+    /// in an `Authorization: Bearer` header on the upgrade request.
+    pub async fn ws(&self, token: Option<&str>) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/api/v1/ws", self.api.replacen("https://", "wss://", 1));
+        let mut request = url.into_client_request().expect("WebSocket request");
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().expect("header value");
+            request.headers_mut().insert("authorization", value);
+        }
+        let connector = tokio_tungstenite::Connector::Rustls(self.rustls_config());
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, false, Some(connector))
+            .await
+            .expect("WebSocket connect");
+        ws
+    }
+
+    /// A rustls client configuration trusting only the node's certificate.
+    pub fn rustls_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let cert = Path::new(self.info["tls_cert"].as_str().expect("tls_cert"));
+        let mut roots = rustls::RootCertStore::empty();
+        for der in CertificateDer::pem_file_iter(cert).expect("read node certificate") {
+            roots.add(der.expect("certificate")).expect("trust the node certificate");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        std::sync::Arc::new(config)
     }
 
     /// Stops the node with SIGTERM and waits for it to exit; returns its exit status.
@@ -216,6 +254,16 @@ impl Drop for PgGuard {
     }
 }
 
+/// `<dir>/node.json`, if present and parseable.
+fn read_info(dir: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("node.json")).ok()?).ok()
+}
+
+/// The log a test node writes into its data directory.
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("test-node.log")).unwrap_or_default()
+}
+
 /// Stops a cluster under `<dir>/pg` if one runs.
 pub fn stop_cluster(dir: &Path) {
     let pg = dir.join("pg");
@@ -244,60 +292,5 @@ pub fn client_trusting(cert: &Path) -> reqwest::Client {
         .expect("client")
 }
 
-impl Node {
-    /// A handle on a node this test did not spawn (e.g. `cosmicsync start --detach`),
-    /// found through `<dir>/node.json`. Dropping it stops the node's PostgreSQL if it
-    /// still runs, but not the node process: the caller stops that.
-    pub fn attach(dir: &Path) -> Node {
-        let text = std::fs::read_to_string(dir.join("node.json")).expect("node.json");
-        let info: Value = serde_json::from_str(&text).expect("node.json is JSON");
-        Node {
-            dir: dir.to_owned(),
-            _temp: None,
-            child: None,
-            api: info["api_url"].as_str().expect("api_url").to_owned(),
-            client: client_trusting(Path::new(info["tls_cert"].as_str().expect("tls_cert"))),
-            info,
-        }
-    }
-}
-
 /// A client WebSocket to a node.
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-impl Node {
-    /// Opens `wss://…/api/v1/ws`, trusting the node's certificate; with `token`, it goes
-    /// in an `Authorization: Bearer` header on the upgrade request.
-    pub async fn ws(&self, token: Option<&str>) -> Ws {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let url = format!("{}/api/v1/ws", self.api.replacen("https://", "wss://", 1));
-        let mut request = url.into_client_request().expect("WebSocket request");
-        if let Some(token) = token {
-            let value = format!("Bearer {token}").parse().expect("header value");
-            request.headers_mut().insert("authorization", value);
-        }
-        let connector = tokio_tungstenite::Connector::Rustls(self.rustls_config());
-        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, false, Some(connector))
-            .await
-            .expect("WebSocket connect");
-        ws
-    }
-
-    /// A rustls client configuration trusting only the node's certificate.
-    pub fn rustls_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let cert = Path::new(self.info["tls_cert"].as_str().expect("tls_cert"));
-        let mut roots = rustls::RootCertStore::empty();
-        for der in CertificateDer::pem_file_iter(cert).expect("read node certificate") {
-            roots.add(der.expect("certificate")).expect("trust the node certificate");
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        std::sync::Arc::new(config)
-    }
-}
