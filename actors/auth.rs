@@ -2,15 +2,20 @@
 //!
 //! bcrypt runs on the blocking pool behind a semaphore sized to the machine, so a burst
 //! of logins queues there and never stalls the actor threads serving other requests.
-//! Tokens are HS256 JWTs (`sub`, `exp`, `iat`, `nbf`, `jti`) signed with a key from the
-//! data directory. Revocations are persisted on the user's shard and held in memory in a
-//! `TokenVerifier` that HTTP workers read directly (checking a token is a pure
-//! computation on every request: a round trip to the actor would cost more than the
-//! check); the actor is the verifier's only writer. A token of a user whose shard's
-//! revocations are not loaded yet is refused with 503 rather than trusted. It must never
-//! log or return a password, hash, token or key.
+//! Tokens are HS256 JWTs (`sub`, `exp`, `iat`, `nbf`, `jti`, and `pwd`: when the
+//! user's password was last changed) signed with a key from the data directory; HS256 is
+//! the only algorithm accepted. Revocations are persisted on the user's shard (pruned
+//! once the token has expired) and held in memory in a `TokenVerifier` that HTTP workers
+//! read directly (checking a token is a pure computation on every request: a round trip
+//! to the actor would cost more than the check); the actor is the verifier's only
+//! writer. The verifier also knows recent password changes, so a token issued before a
+//! change is refused. A token of a user whose shard is not loaded yet is refused with
+//! 503 rather than trusted. Failed logins are rate-limited (`crate::login_limit`).
+//! It must never log or return a password, hash, token or key.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -22,14 +27,18 @@ use slog_scope::{info, warn};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::actors::shard::{Revocations, RevokeToken};
+use crate::actors::shard::{PasswordChanges, PruneRevocations, Revocations, RevokeToken};
 use crate::actors::shards::Shards;
+use crate::login_limit::LoginLimiter;
 use crate::model::TokenResponse;
 use crate::placement::Router;
 use crate::problem::ApiError;
 
 /// Seconds of clock skew tolerated when checking `exp`, `nbf` and `iat`.
 const LEEWAY_SECS: u64 = 5;
+
+/// How often expired revocations are deleted from the shards.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The claims of an access token.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +48,21 @@ struct Claims {
     iat: i64,
     nbf: i64,
     jti: Uuid,
+    /// When the user's password was last changed (Unix microseconds) as the token was issued.
+    pwd: i64,
+}
+
+/// How the AuthActor works.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Access token lifetime.
+    pub ttl_secs: u64,
+    /// bcrypt cost of new hashes.
+    pub cost: u32,
+    /// Failed logins allowed per minute from one client address.
+    pub failures_per_address: NonZeroU32,
+    /// Failed logins allowed per minute for one username.
+    pub failures_per_username: NonZeroU32,
 }
 
 /// Who is calling: the verified subject of an access token.
@@ -56,6 +80,7 @@ struct Keys {
     ttl_secs: u64,
     cost: u32,
     gate: Semaphore,
+    limiter: LoginLimiter,
     /// A hash of a random password at the configured cost: checked when the username is
     /// unknown, so an unknown name costs the same work as a wrong password.
     decoy_hash: String,
@@ -66,7 +91,9 @@ struct Keys {
 struct RevocationSet {
     /// Revoked token ids and when each token expires (Unix seconds).
     jtis: HashMap<Uuid, i64>,
-    /// Per shard: are its revocations loaded?
+    /// Users whose password changed within a token lifetime, and when (Unix microseconds).
+    password_changed: HashMap<Uuid, i64>,
+    /// Per shard: are its revocations and password changes loaded?
     loaded: Vec<bool>,
 }
 
@@ -84,11 +111,13 @@ impl TokenVerifier {
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "iat", "nbf", "sub", "jti"]);
+        // Only HS256: a token naming another algorithm (or `none`) fails to decode.
+        validation.algorithms = vec![Algorithm::HS256];
         Self {
             decoding: DecodingKey::from_secret(secret),
             validation,
             router: Router::new(shards as u32),
-            revocations: RwLock::new(RevocationSet { jtis: HashMap::new(), loaded: vec![false; shards] }),
+            revocations: RwLock::new(RevocationSet { loaded: vec![false; shards], ..Default::default() }),
         }
     }
 
@@ -125,6 +154,10 @@ impl TokenVerifier {
             warn!("access token rejected"; "reason" => "revoked", "user_id" => %claims.sub);
             return Err(ApiError::Unauthorized("the access token has been revoked".into()));
         }
+        if set.password_changed.get(&claims.sub).is_some_and(|changed| claims.pwd < *changed) {
+            warn!("access token rejected"; "reason" => "issued before a password change", "user_id" => %claims.sub);
+            return Err(ApiError::Unauthorized("the password has changed since this token was issued; log in again".into()));
+        }
         Ok(Caller { user_id: claims.sub, jti: claims.jti, expires_at: claims.exp })
     }
 }
@@ -144,17 +177,18 @@ async fn bcrypt_work<T: Send + 'static>(keys: &Keys, work: impl FnOnce() -> T + 
 
 impl AuthActor {
     /// An auth actor signing with `secret` (at least 32 bytes).
-    pub fn new(secret: &[u8], ttl_secs: u64, cost: u32, shards: Shards) -> Result<Self, bcrypt::BcryptError> {
+    pub fn new(secret: &[u8], config: AuthConfig, shards: Shards) -> Result<Self, bcrypt::BcryptError> {
         let mut decoy = [0u8; 24];
         rand::fill(&mut decoy);
-        let decoy_hash = bcrypt::hash(hex::encode(decoy), cost)?;
+        let decoy_hash = bcrypt::hash(hex::encode(decoy), config.cost)?;
         let workers = std::thread::available_parallelism().map(|n| n.get().div_ceil(2)).unwrap_or(1);
         Ok(Self {
             keys: Arc::new(Keys {
                 encoding: EncodingKey::from_secret(secret),
-                ttl_secs,
-                cost,
+                ttl_secs: config.ttl_secs,
+                cost: config.cost,
                 gate: Semaphore::new(workers),
+                limiter: LoginLimiter::new(config.failures_per_address, config.failures_per_username),
                 decoy_hash,
             }),
             verifier: Arc::new(TokenVerifier::new(secret, shards.len())),
@@ -168,14 +202,30 @@ impl AuthActor {
         self.verifier.clone()
     }
 
+    /// The oldest password change that can still matter: tokens issued before it have expired.
+    fn changes_horizon(&self) -> DateTime<Utc> {
+        Utc::now() - chrono::Duration::seconds((self.keys.ttl_secs + LEEWAY_SECS) as i64)
+    }
+
     fn load_revocations(&self, ctx: &mut Context<Self>, shard: usize) {
         let shards = self.shards.clone();
-        ctx.spawn(async move { shards.ask(shard, Revocations {}).await }.into_actor(self).map(move |res, act, ctx| {
+        let since = self.changes_horizon();
+        let load = async move {
+            let revoked = shards.ask(shard, Revocations {}).await?;
+            let changed = shards.ask(shard, PasswordChanges { since }).await?;
+            Ok::<_, crate::problem::StoreError>((revoked, changed))
+        };
+        ctx.spawn(load.into_actor(self).map(move |res, act, ctx| {
             match res {
-                Ok(list) => {
+                Ok((revoked, changed)) => {
                     let mut set = act.verifier.write();
-                    for (jti, exp) in list {
+                    for (jti, exp) in revoked {
                         set.jtis.insert(jti, exp.timestamp());
+                    }
+                    for (user, at) in changed {
+                        let at = at.timestamp_micros();
+                        let entry = set.password_changed.entry(user).or_insert(at);
+                        *entry = (*entry).max(at);
                     }
                     if let Some(flag) = set.loaded.get_mut(shard) {
                         *flag = true;
@@ -202,7 +252,25 @@ impl Actor for AuthActor {
         }
         ctx.run_interval(Duration::from_secs(60), |act, _| {
             let now = Utc::now().timestamp() - LEEWAY_SECS as i64;
-            act.verifier.write().jtis.retain(|_, exp| *exp >= now);
+            let horizon = act.changes_horizon().timestamp_micros();
+            let mut set = act.verifier.write();
+            set.jtis.retain(|_, exp| *exp >= now);
+            set.password_changed.retain(|_, at| *at >= horizon);
+            drop(set);
+            act.keys.limiter.prune();
+        });
+        ctx.run_interval(PRUNE_INTERVAL, |act, ctx| {
+            let shards = act.shards.clone();
+            ctx.spawn(
+                async move {
+                    for shard in 0..shards.len() {
+                        if let Ok(pruned @ 1..) = shards.ask(shard, PruneRevocations {}).await {
+                            info!("expired token revocations pruned"; "shard" => shard, "count" => pruned);
+                        }
+                    }
+                }
+                .into_actor(act),
+            );
         });
     }
 }
@@ -238,6 +306,15 @@ impl Handler<HashPassword> for AuthActor {
 pub struct Login {
     pub username: String,
     pub password: String,
+    /// The client's address, for the failed-login limit.
+    pub client: IpAddr,
+}
+
+fn too_many(wait: Duration) -> ApiError {
+    ApiError::TooManyRequests(
+        "too many failed logins; wait before trying again".into(),
+        wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+    )
 }
 
 impl Handler<Login> for AuthActor {
@@ -246,20 +323,25 @@ impl Handler<Login> for AuthActor {
         let keys = self.keys.clone();
         let shards = self.shards.clone();
         Box::pin(async move {
-            let Login { username, password } = msg;
+            let Login { username, password, client } = msg;
+            if let Err(wait) = keys.limiter.check(client, &username) {
+                warn!("login refused: too many failures"; "username" => &username, "client" => %client);
+                return Err(too_many(wait));
+            }
             let user = shards.user_by_username(&username).await?;
-            let (hash, user_id) = match &user {
-                Some(u) => (u.password_hash.clone(), Some(u.id)),
+            let (hash, user) = match user {
+                Some(u) => (u.password_hash.clone(), Some((u.id, u.password_changed_at))),
                 None => (keys.decoy_hash.clone(), None),
             };
             let ok = bcrypt_work(&keys, move || bcrypt::verify(password, &hash).unwrap_or(false)).await?;
-            match (ok, user_id) {
-                (true, Some(user_id)) => {
+            match (ok, user) {
+                (true, Some((user_id, changed))) => {
                     info!("login"; "user_id" => %user_id);
-                    issue(&keys, user_id)
+                    issue(&keys, user_id, changed.timestamp_micros())
                 }
                 _ => {
-                    warn!("login failed"; "username" => &username);
+                    warn!("login failed"; "username" => &username, "client" => %client);
+                    keys.limiter.failed(client, &username).map_err(too_many)?;
                     Err(ApiError::Unauthorized("invalid username or password".into()))
                 }
             }
@@ -267,9 +349,16 @@ impl Handler<Login> for AuthActor {
     }
 }
 
-fn issue(keys: &Keys, user_id: Uuid) -> Result<TokenResponse, ApiError> {
+fn issue(keys: &Keys, user_id: Uuid, password_changed: i64) -> Result<TokenResponse, ApiError> {
     let now = Utc::now().timestamp();
-    let claims = Claims { sub: user_id, iat: now, nbf: now, exp: now + keys.ttl_secs as i64, jti: Uuid::now_v7() };
+    let claims = Claims {
+        sub: user_id,
+        iat: now,
+        nbf: now,
+        exp: now + keys.ttl_secs as i64,
+        jti: Uuid::now_v7(),
+        pwd: password_changed,
+    };
     let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding)
         .map_err(|e| ApiError::Internal(format!("cannot sign token: {e}")))?;
     Ok(TokenResponse { access_token: token, token_type: "Bearer".into(), expires_in: keys.ttl_secs })
@@ -300,5 +389,94 @@ impl Handler<Revoke> for AuthActor {
                 Ok(())
             }),
         )
+    }
+}
+
+/// A user's password changed: tokens issued before `at` stop working at once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PasswordChanged {
+    pub user_id: Uuid,
+    pub at: DateTime<Utc>,
+}
+
+impl Handler<PasswordChanged> for AuthActor {
+    type Result = ();
+    fn handle(&mut self, msg: PasswordChanged, _: &mut Self::Context) {
+        let at = msg.at.timestamp_micros();
+        let mut set = self.verifier.write();
+        let entry = set.password_changed.entry(msg.user_id).or_insert(at);
+        *entry = (*entry).max(at);
+        drop(set);
+        info!("password changed; older tokens refused"; "user_id" => %msg.user_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier() -> (TokenVerifier, Vec<u8>) {
+        let secret = vec![7u8; 64];
+        let v = TokenVerifier::new(&secret, 1);
+        v.write().loaded[0] = true;
+        (v, secret)
+    }
+
+    fn claims(user: Uuid, pwd: i64) -> serde_json::Value {
+        let now = Utc::now().timestamp();
+        serde_json::json!({ "sub": user, "iat": now, "nbf": now, "exp": now + 60, "jti": Uuid::now_v7(), "pwd": pwd })
+    }
+
+    fn sign(alg: Algorithm, claims: &serde_json::Value, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&Header::new(alg), claims, &EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    #[test]
+    fn only_hs256_is_accepted() {
+        let (v, secret) = verifier();
+        let user = Uuid::now_v7();
+        assert_eq!(v.verify(&sign(Algorithm::HS256, &claims(user, 0), &secret)).unwrap().user_id, user);
+        for alg in [Algorithm::HS384, Algorithm::HS512] {
+            assert!(v.verify(&sign(alg, &claims(user, 0), &secret)).is_err(), "{alg:?} accepted");
+        }
+        let b64 = |v: &serde_json::Value| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let none = format!("{}.{}.", b64(&serde_json::json!({"alg": "none", "typ": "JWT"})), b64(&claims(user, 0)));
+        assert!(v.verify(&none).is_err(), "alg none accepted");
+    }
+
+    #[test]
+    fn tokens_from_before_a_password_change_are_refused() {
+        let (v, secret) = verifier();
+        let user = Uuid::now_v7();
+        let old = sign(Algorithm::HS256, &claims(user, 1_000), &secret);
+        let new = sign(Algorithm::HS256, &claims(user, 2_000), &secret);
+        v.write().password_changed.insert(user, 2_000);
+        assert!(matches!(v.verify(&old), Err(ApiError::Unauthorized(_))));
+        assert!(v.verify(&new).is_ok());
+        let mut missing = claims(user, 0);
+        missing.as_object_mut().unwrap().remove("pwd");
+        assert!(v.verify(&sign(Algorithm::HS256, &missing, &secret)).is_err(), "a token without pwd is refused");
+    }
+
+    #[test]
+    fn time_claims_are_checked_with_a_small_leeway() {
+        let (v, secret) = verifier();
+        let user = Uuid::now_v7();
+        let now = Utc::now().timestamp();
+        let mut c = claims(user, 0);
+        c["exp"] = (now - 2).into();
+        assert!(v.verify(&sign(Algorithm::HS256, &c, &secret)).is_ok(), "within the leeway");
+        c["exp"] = (now - 60).into();
+        assert!(v.verify(&sign(Algorithm::HS256, &c, &secret)).is_err(), "expired");
+        let mut c = claims(user, 0);
+        c["nbf"] = (now + 60).into();
+        assert!(v.verify(&sign(Algorithm::HS256, &c, &secret)).is_err(), "not yet valid");
+        let mut c = claims(user, 0);
+        c["iat"] = (now + 60).into();
+        assert!(v.verify(&sign(Algorithm::HS256, &c, &secret)).is_err(), "issued in the future");
     }
 }

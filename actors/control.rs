@@ -18,6 +18,7 @@ use slog_scope::{debug, error, info, warn};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::actors::keys::{GetKeyStatus, KeyActor, Rotate};
 use crate::actors::shard::{GetProfile, GetProject, GetUser};
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::{GetStatus, NodeSupervisor, Shutdown};
@@ -43,8 +44,13 @@ pub struct ControlActor {
 
 impl ControlActor {
     /// Serves `listener` (bound by `crate::control::bind`) once started.
-    pub fn new(listener: StdUnixListener, supervisor: Addr<NodeSupervisor>, shards: Shards) -> Self {
-        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards } }
+    pub fn new(
+        listener: StdUnixListener,
+        supervisor: Addr<NodeSupervisor>,
+        shards: Shards,
+        keys: Addr<KeyActor>,
+    ) -> Self {
+        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys } }
     }
 }
 
@@ -132,6 +138,7 @@ async fn read_line(read: tokio::net::unix::OwnedReadHalf) -> std::io::Result<Opt
 struct RequestHandler {
     supervisor: Addr<NodeSupervisor>,
     shards: Shards,
+    keys: Addr<KeyActor>,
 }
 
 impl RequestHandler {
@@ -158,6 +165,8 @@ impl RequestHandler {
             Request::ListProjects { creator, limit, cursor } => {
                 json(crate::api::projects::list_page(&self.shards, creator, cursor, limit).await?)
             }
+            Request::KeysRotate => json(self.keys.send(Rotate).await??),
+            Request::KeysStatus => json(self.keys.send(GetKeyStatus).await??),
         }
     }
 }

@@ -820,12 +820,13 @@ mod tests {
 
     /// A hub with no shards (replays read nothing) or with one shard that is down.
     fn hub(first: i64, shard_down: bool) -> Addr<EventHub> {
+        let keys = std::sync::Arc::new(crate::sealing::SharedKeyring::new(crate::sealing::Keyring::generate()));
         let shards = if shard_down {
             // An address whose actor never runs: every request fails as unavailable.
             let ctx = Context::<crate::actors::shard::ShardActor>::new();
-            Shards::new(vec![ctx.address()])
+            Shards::new(vec![ctx.address()], keys)
         } else {
-            Shards::new(Vec::new())
+            Shards::new(Vec::new(), keys)
         };
         EventHub::new(first, shards).start()
     }

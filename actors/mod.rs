@@ -3,19 +3,21 @@
 //! ```text
 //! NodeSupervisor
 //! ├── ShardActor × N   one per PostgreSQL shard; the only code that runs SQL
-//! ├── AuthActor        bcrypt on a blocking pool, JWT issue/verify, revocations
+//! ├── AuthActor        bcrypt on a blocking pool, JWT issue/verify, revocations, login limits
+//! ├── KeyActor         the data keys: key file, rotation, re-sealing rows under old keys
 //! ├── EventHub         orders committed changes and fans them out to WebSocket sessions
 //! ├── HttpActor        the actix-web server (REST + WebSocket)
 //! └── ControlActor     the CLI's local channel (a Unix socket in the data directory)
 //! ```
 //!
 //! Actors talk only through the typed messages defined beside each of them. The message
-//! graph is a DAG: HTTP/Control → Auth → Shards → EventHub; nothing sends upwards.
+//! graph is a DAG: HTTP/Control → Auth/Keys → Shards → EventHub; nothing sends upwards.
 
 pub mod auth;
 pub mod control;
 pub mod event_hub;
 pub mod http;
+pub mod keys;
 pub mod shard;
 pub mod shards;
 pub mod supervisor;

@@ -22,6 +22,7 @@ use crate::actors::shard::{
 use crate::model::{ChangeEvent, Profile, Project, UserRow};
 use crate::placement::Router;
 use crate::problem::StoreError;
+use crate::sealing::SharedKeyring;
 use crate::validate::{email_key, username_key};
 
 /// Directory entries to claim and release on one shard.
@@ -36,13 +37,19 @@ struct DirWork {
 pub struct Shards {
     addrs: Arc<[Addr<ShardActor>]>,
     router: Router,
+    keys: Arc<SharedKeyring>,
 }
 
 impl Shards {
-    /// Wraps the shard actors (index = shard number).
-    pub fn new(addrs: Vec<Addr<ShardActor>>) -> Self {
+    /// Wraps the shard actors (index = shard number); `keys` makes the emails' blind index.
+    pub fn new(addrs: Vec<Addr<ShardActor>>, keys: Arc<SharedKeyring>) -> Self {
         let router = Router::new(addrs.len() as u32);
-        Self { addrs: addrs.into(), router }
+        Self { addrs: addrs.into(), router, keys }
+    }
+
+    /// The directory key of an email: its blind index, never the email itself.
+    fn email_key(&self, email: &str) -> String {
+        self.keys.get().blind_index(DirKind::Email.as_str(), &email_key(email))
     }
 
     /// The number of shards.
@@ -120,7 +127,7 @@ impl Shards {
         let mut work = BTreeMap::<usize, DirWork>::new();
         for entry in [
             DirEntry { kind: DirKind::Username, key: username_key(&user.username), user_id: user.id },
-            DirEntry { kind: DirKind::Email, key: email_key(&user.email), user_id: user.id },
+            DirEntry { kind: DirKind::Email, key: self.email_key(&user.email), user_id: user.id },
         ] {
             self.directory_work(&mut work, entry, true);
         }
@@ -144,7 +151,7 @@ impl Shards {
         let mut work = BTreeMap::<usize, DirWork>::new();
         let moves = [
             (DirKind::Username, change.username.as_deref().map(username_key), username_key(&current.username)),
-            (DirKind::Email, change.email.as_deref().map(email_key), email_key(&current.email)),
+            (DirKind::Email, change.email.as_deref().map(|e| self.email_key(e)), self.email_key(&current.email)),
         ];
         for (kind, new_key, old_key) in moves {
             match new_key {

@@ -20,16 +20,18 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use slog_scope::{info, warn};
 
-use crate::actors::auth::AuthActor;
+use crate::actors::auth::{AuthActor, AuthConfig};
 use crate::actors::control::ControlActor;
 use crate::actors::event_hub::EventHub;
 use crate::actors::http::HttpActor;
-use crate::actors::shard::{ShardActor, ShardEnv, ShardState};
+use crate::actors::keys::KeyActor;
+use crate::actors::shard::{KEY_CHECK_FAILED, ShardActor, ShardEnv, ShardState};
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::{AttachHttp, NodeFacts, NodeSupervisor, Shutdown};
 use crate::api::AppState;
 use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
+use crate::sealing::{Keyring, SharedKeyring};
 use crate::sequencer::Sequencer;
 
 /// How long a starting node waits for every shard before it reports ready anyway.
@@ -128,6 +130,28 @@ fn api_url(addr: SocketAddr) -> String {
     format!("https://{}", SocketAddr::new(ip, addr.port()))
 }
 
+/// The node's keyring from its key file, created (mode 0600) if there is none yet. A
+/// newly created one is useless for data sealed before: the shards' key checks catch that.
+fn load_keyring(path: &Path) -> anyhow::Result<(Keyring, bool)> {
+    let text = crate::secrets::read_private(path).with_context(|| format!("cannot read the key file {}", path.display()))?;
+    match text {
+        Some(text) => Ok((
+            Keyring::parse(&text).with_context(|| format!("cannot use the key file {}", path.display()))?,
+            false,
+        )),
+        None => {
+            let ring = Keyring::generate();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            crate::secrets::write_private(path, &ring.to_file())
+                .with_context(|| format!("cannot write the key file {}", path.display()))?;
+            warn!("new key file created: back it up, sealed data cannot be read without it"; "path" => %path.display());
+            Ok((ring, true))
+        }
+    }
+}
+
 fn node_id(data_dir: &Path) -> anyhow::Result<String> {
     let path = data_dir.join("node_id");
     match std::fs::read_to_string(&path) {
@@ -150,22 +174,34 @@ async fn start(
     let data_dir = &config.data_dir;
     let node_id = node_id(data_dir)?;
     let sequencer = Arc::new(Sequencer::open(&data_dir.join("seq")).context("cannot open the sequence file")?);
+    let (keyring, key_file_created) = load_keyring(&config.key_file)?;
+    let keys = Arc::new(SharedKeyring::new(keyring));
 
     // The hub and the shards need each other's addresses: make the hub's first.
     let hub_ctx = Context::<EventHub>::new();
-    let env = Arc::new(ShardEnv { node_id: node_id.clone(), sequencer: sequencer.clone(), hub: hub_ctx.address() });
+    let env = Arc::new(ShardEnv {
+        node_id: node_id.clone(),
+        sequencer: sequencer.clone(),
+        hub: hub_ctx.address(),
+        keys: keys.clone(),
+    });
     let mut addrs = Vec::with_capacity(urls.len());
     for (index, url) in urls.iter().enumerate() {
         let pg: tokio_postgres::Config = url.parse().with_context(|| format!("shard {index}: bad PostgreSQL URL"))?;
         let (env, pool) = (env.clone(), config.pool_size);
         addrs.push(Supervisor::start(move |_| ShardActor::new(index, pg, pool, env)));
     }
-    let shards = Shards::new(addrs);
+    let shards = Shards::new(addrs, keys.clone());
     let hub = hub_ctx.run(EventHub::new(sequencer.peek(), shards.clone()));
 
     let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
-    let auth = AuthActor::new(&secret, config.token_ttl_secs, config.bcrypt_cost, shards.clone())
-        .context("cannot prepare password hashing")?;
+    let auth_config = AuthConfig {
+        ttl_secs: config.token_ttl_secs,
+        cost: config.bcrypt_cost,
+        failures_per_address: config.login_failures_per_address,
+        failures_per_username: config.login_failures_per_username,
+    };
+    let auth = AuthActor::new(&secret, auth_config, shards.clone()).context("cannot prepare password hashing")?;
     let tokens = auth.verifier();
     let auth = Supervisor::start(move |_| auth);
 
@@ -189,9 +225,11 @@ async fn start(
         supervisor: supervisor.clone(),
         ws_queue: config.ws_queue,
     };
+    let cors_origins = config.cors_origins.clone();
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(actix_web::web::Data::new(state.clone()))
+            .wrap(crate::api::cors(&cors_origins))
             .wrap(crate::api::security_headers())
             .configure(crate::api::configure)
     })
@@ -202,13 +240,23 @@ async fn start(
     .context("cannot start the HTTPS server")?
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
-    ControlActor::new(control, supervisor.clone(), shards.clone()).start();
+    let key_actor = KeyActor::new(keys.clone(), config.key_file.clone(), shards.clone()).start();
+    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor).start();
     watch_signals(supervisor.clone());
 
     // Ready: wait for the shards, then tell the world where we are.
     let deadline = Instant::now() + READY_DEADLINE;
     loop {
         let health = shards.health().await;
+        if let Some(fatal) =
+            health.iter().filter_map(|h| h.last_error.as_deref()).find(|e| e.starts_with(KEY_CHECK_FAILED))
+        {
+            if key_file_created {
+                // It was made by this run and never sealed anything: do not leave a decoy behind.
+                let _ = std::fs::remove_file(&config.key_file);
+            }
+            anyhow::bail!("{fatal} (key file: {})", config.key_file.display());
+        }
         let auth_ready = tokens.is_ready();
         if auth_ready && health.iter().all(|h| h.state == ShardState::Up) {
             // A prepared transaction found now was almost surely left by an earlier run:

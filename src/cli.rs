@@ -7,6 +7,7 @@
 //! pid. Nothing here may panic on user input: bad values are clap errors, failures are
 //! `anyhow` errors that `main` prints.
 
+mod keys;
 mod node;
 mod query;
 
@@ -93,7 +94,7 @@ pub enum Command {
     /// Run a node on the data directory (in the foreground unless --detach)
     #[command(after_help = "Options may also come from COSMICSYNC_* environment variables or a TOML file given with \
                       --config; a flag beats the environment, which beats the file.")]
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Stop the node running on the data directory and wait until it has exited
     #[command(after_help = "Exit status: 0 stopped; 1 no node was running; 2 still running after --timeout.")]
     Stop(StopArgs),
@@ -112,6 +113,31 @@ pub enum Command {
     /// Inspect the node's network
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Manage the data keys that seal sensitive fields at rest
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Add a new data key and re-seal every existing row with it, showing progress
+    #[command(after_help = "The node keeps serving meanwhile. If a rotation is unfinished (the node was stopped \
+                      halfway), it is continued instead of adding another key; a node also resumes it by itself \
+                      when it starts. Old keys stay in the key file: back the file up after rotating.\n\n\
+                      Exit status: 0 done; 1 refused; 3 no node running.")]
+    Rotate {
+        /// Return once the key is in place, without waiting for the re-sealing
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show the data keys and how many rows each seals
+    #[command(after_help = "Exit status: 0 answered; 1 refused; 3 no node running.")]
+    Status {
+        /// Print as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `start`.
@@ -206,11 +232,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Cli { global, command } = cli;
     let data_dir = global.data_dir();
     match command {
-        Command::Start(StartArgs { detach: false, node }) => {
-            cosmicsync::boot::run_node(global.options(), node)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Start(StartArgs { detach: true, node }) => node::start_detached(&global.options(), &node),
+        Command::Start(start) => match *start {
+            StartArgs { detach: false, node } => {
+                cosmicsync::boot::run_node(global.options(), node)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            StartArgs { detach: true, node } => node::start_detached(&global.options(), &node),
+        },
         Command::Stop(StopArgs { timeout }) => node::stop(&data_dir, Duration::from_secs(timeout)),
         Command::Status(StatusArgs { json }) => query::status(&data_dir, json),
         Command::Users(UsersCommand::Get(IdArg { id })) => {
@@ -228,6 +256,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Network(NetworkCommand::Status) => {
             query::print(&data_dir, cosmicsync::control::Request::NetworkStatus)
         }
+        Command::Keys(KeysCommand::Rotate { no_wait }) => keys::rotate(&data_dir, no_wait),
+        Command::Keys(KeysCommand::Status { json }) => keys::status(&data_dir, json),
     }
 }
 
@@ -254,7 +284,7 @@ mod tests {
         let cli = parse(&["start", "--detach", "--log-level", "debug", "--bcrypt-cost", "4"]).unwrap();
         assert_eq!(cli.global.options().log_level.as_deref(), Some("debug"));
         assert!(
-            matches!(cli.command, Command::Start(StartArgs { detach: true, ref node }) if node.bcrypt_cost == Some(4))
+            matches!(cli.command, Command::Start(ref s) if s.detach && s.node.bcrypt_cost == Some(4))
         );
     }
 

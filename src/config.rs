@@ -7,6 +7,7 @@
 //! This module only parses and checks: it must never create files or start anything.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
@@ -33,6 +34,9 @@ pub mod defaults {
     pub const BCRYPT_COST: u32 = 12;
     pub const TOKEN_TTL_SECS: u64 = 3600;
     pub const WS_QUEUE: usize = 1024;
+    pub const KEY_FILE: &str = "keys.json";
+    pub const LOGIN_FAILURES_PER_ADDRESS: u32 = 20;
+    pub const LOGIN_FAILURES_PER_USERNAME: u32 = 5;
     pub const LOG_LEVEL: &str = "info";
 }
 
@@ -88,6 +92,25 @@ pub struct NodeArgs {
     /// Events a WebSocket client may fall behind by before it is disconnected [default: 1024]
     #[arg(long, env = "COSMICSYNC_WS_QUEUE", value_name = "N")]
     pub ws_queue: Option<usize>,
+
+    /// Key file with the data keys that seal emails at rest and the blind-index key (JSON,
+    /// mode 0600); created on first start. Losing it makes the sealed data unreadable:
+    /// back it up [default: <data-dir>/keys.json]
+    #[arg(long, env = "COSMICSYNC_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// A browser origin allowed to call the API cross-origin (repeatable); CORS is off
+    /// when none is given
+    #[arg(long = "cors-origin", env = "COSMICSYNC_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+
+    /// Failed logins allowed per minute from one client address before 429 [default: 20]
+    #[arg(long, env = "COSMICSYNC_LOGIN_FAILURES_PER_ADDRESS", value_name = "N")]
+    pub login_failures_per_address: Option<u32>,
+
+    /// Failed logins allowed per minute for one username before 429 [default: 5]
+    #[arg(long, env = "COSMICSYNC_LOGIN_FAILURES_PER_USERNAME", value_name = "N")]
+    pub login_failures_per_username: Option<u32>,
 }
 
 /// What a TOML config file may set (same names as the flags).
@@ -106,6 +129,10 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub ws_queue: Option<usize>,
+    pub key_file: Option<PathBuf>,
+    pub cors_origins: Option<Vec<String>>,
+    pub login_failures_per_address: Option<u32>,
+    pub login_failures_per_username: Option<u32>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
 }
@@ -140,6 +167,10 @@ pub struct NodeConfig {
     pub token_ttl_secs: u64,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub ws_queue: usize,
+    pub key_file: PathBuf,
+    pub cors_origins: Vec<String>,
+    pub login_failures_per_address: NonZeroU32,
+    pub login_failures_per_username: NonZeroU32,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -151,6 +182,11 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error(
+        "config file {path} holds a secret (a password in a shard URL) but other users can read it \
+         (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
     #[error("invalid {field}: {message}")]
     Invalid { field: &'static str, message: String },
 }
@@ -168,11 +204,29 @@ pub struct GlobalOptions {
 }
 
 impl FileConfig {
-    /// Reads and parses a TOML config file.
+    /// Reads and parses a TOML config file; one that holds a secret must not be readable
+    /// by other users.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+        let file: FileConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?
+            .permissions()
+            .mode();
+        if file.holds_secrets() && mode & 0o077 != 0 {
+            return Err(ConfigError::Exposed { path: path.to_owned(), mode: mode & 0o777 });
+        }
+        Ok(file)
+    }
+
+    /// Does any setting carry a secret (today: a password inside a shard URL)?
+    fn holds_secrets(&self) -> bool {
+        self.shard_urls.iter().flatten().any(|url| {
+            url.parse::<tokio_postgres::Config>().map(|c| c.get_password().is_some()).unwrap_or(true)
+        })
     }
 }
 
@@ -239,6 +293,36 @@ impl NodeConfig {
         if !(16..=1_000_000).contains(&ws_queue) {
             return Err(invalid("ws-queue", "must be 16-1000000"));
         }
+        let key_file = match args.key_file.clone().or(file.key_file) {
+            Some(path) => std::path::absolute(path).map_err(|e| invalid("key-file", e.to_string()))?,
+            None => data_dir.join(defaults::KEY_FILE),
+        };
+        let cors_origins = if args.cors_origins.is_empty() {
+            file.cors_origins.unwrap_or_default()
+        } else {
+            args.cors_origins.clone()
+        };
+        for origin in &cors_origins {
+            let host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+            let ok = host.is_some_and(|h| !h.is_empty() && !h.contains(['/', '*', ' ', '?', '#', '@']))
+                && origin.parse::<actix_web::http::Uri>().is_ok();
+            if !ok {
+                return Err(invalid("cors-origin", format!("{origin:?} is not an origin like https://app.example.org")));
+            }
+        }
+        let limit = |field: &'static str, value: Option<u32>, default: u32| {
+            NonZeroU32::new(value.unwrap_or(default)).ok_or_else(|| invalid(field, "must be at least 1"))
+        };
+        let login_failures_per_address = limit(
+            "login-failures-per-address",
+            args.login_failures_per_address.or(file.login_failures_per_address),
+            defaults::LOGIN_FAILURES_PER_ADDRESS,
+        )?;
+        let login_failures_per_username = limit(
+            "login-failures-per-username",
+            args.login_failures_per_username.or(file.login_failures_per_username),
+            defaults::LOGIN_FAILURES_PER_USERNAME,
+        )?;
         let log_format = global.log_format.or(file.log_format).unwrap_or_default();
         let log_level = global.log_level.clone().or(file.log_level).unwrap_or_else(|| defaults::LOG_LEVEL.into());
         crate::logging::parse_level(&log_level)
@@ -252,6 +336,10 @@ impl NodeConfig {
             token_ttl_secs,
             tls,
             ws_queue,
+            key_file,
+            cors_origins,
+            login_failures_per_address,
+            login_failures_per_username,
             log_format,
             log_level,
         })
@@ -312,5 +400,28 @@ mod tests {
             assert!(err.to_string().contains(field), "{err}");
         }
         assert!(toml::from_str::<FileConfig>("no_such_option = 1").is_err());
+        for origin in ["*", "example.org", "https://*.example.org", "https://example.org/path", "https://"] {
+            let args = NodeArgs { cors_origins: vec![origin.into()], ..Default::default() };
+            let err = NodeConfig::merge(&GlobalOptions::default(), &args, FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains("cors-origin"), "{origin}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_config_file_with_a_secret_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let set_mode = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::fs::write(&path, "shard_urls = [\"postgresql://u:hunter2@db.example.org/a\"]\n").unwrap();
+        set_mode(0o644);
+        let err = FileConfig::load(&path).unwrap_err();
+        assert!(matches!(err, ConfigError::Exposed { .. }), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "the secret is not repeated: {err}");
+        set_mode(0o600);
+        assert!(FileConfig::load(&path).is_ok());
+        std::fs::write(&path, "shards = 2\n").unwrap();
+        set_mode(0o644);
+        assert!(FileConfig::load(&path).is_ok(), "no secret, no restriction");
     }
 }

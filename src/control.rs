@@ -61,6 +61,11 @@ pub enum Request {
     },
     /// The node's view of the network (for now the same `StatusReport`).
     NetworkStatus,
+    /// Add a data key and re-seal every row with it (or continue an unfinished rotation);
+    /// answers the `KeyStatus` at once, the re-sealing goes on in the background.
+    KeysRotate,
+    /// The data keys, rows under each, and the re-sealing pass.
+    KeysStatus,
 }
 
 /// What a node answers.

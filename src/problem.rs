@@ -24,6 +24,9 @@ pub enum StoreError {
     Unavailable(usize),
     #[error("database error: {0}")]
     Database(String),
+    /// A sealed value could not be opened (key missing or data altered).
+    #[error("cannot open a sealed value: {0}")]
+    Sealing(String),
 }
 
 /// An RFC 9457 problem details body.
@@ -56,8 +59,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// Too many attempts; the client may retry after this many seconds.
     #[error("{0}")]
-    TooManyRequests(String),
+    TooManyRequests(String, u64),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -75,7 +79,7 @@ impl ApiError {
             ApiError::PreconditionFailed(_) => "precondition-failed",
             ApiError::PayloadTooLarge(_) => "payload-too-large",
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
-            ApiError::TooManyRequests(_) => "too-many-requests",
+            ApiError::TooManyRequests(..) => "too-many-requests",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -104,7 +108,7 @@ impl ResponseError for ApiError {
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -123,6 +127,9 @@ impl ResponseError for ApiError {
             ApiError::Unavailable(_) => {
                 response.insert_header(("Retry-After", "5"));
             }
+            ApiError::TooManyRequests(_, secs) => {
+                response.insert_header(("Retry-After", secs.max(&1).to_string()));
+            }
             _ => {}
         }
         response.json(self.problem())
@@ -140,6 +147,7 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable(format!("shard {shard} is unavailable; the node is reconnecting, retry shortly"))
             }
             StoreError::Database(m) => ApiError::Internal(m),
+            StoreError::Sealing(m) => ApiError::Internal(format!("cannot open a sealed value: {m}")),
         }
     }
 }

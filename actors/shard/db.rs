@@ -20,6 +20,7 @@ use super::{ConnectionLost, ShardActor};
 use crate::actors::event_hub::{EventHub, Report};
 use crate::model::{ChangeEvent, Entity, Op, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
 use crate::problem::StoreError;
+use crate::sealing::{KeyCheck, Keyring, Sealed, SharedKeyring, email_context};
 use crate::sequencer::Sequencer;
 use crate::vclock::{VectorClock, if_match_allows};
 
@@ -28,6 +29,8 @@ pub struct ShardEnv {
     pub node_id: String,
     pub sequencer: Arc<Sequencer>,
     pub hub: Addr<EventHub>,
+    /// The data keys that seal sensitive columns.
+    pub keys: Arc<SharedKeyring>,
 }
 
 /// A directory entry kind: what must be unique across the whole node.
@@ -134,7 +137,8 @@ impl NewChange {
 // text assembled per request). The row readers below depend on this order.
 macro_rules! user_columns {
     () => {
-        "id, username, email, password_hash, profile_id, created_at, updated_at, password_changed_at, vclock"
+        "id, username, email_key, email_sealed, password_hash, profile_id, created_at, updated_at, \
+         password_changed_at, vclock"
     };
 }
 macro_rules! profile_columns {
@@ -148,18 +152,22 @@ macro_rules! project_columns {
     };
 }
 
-fn user_from(row: &Row) -> UserRow {
-    UserRow {
-        id: row.get(0),
+/// Reads a user row, opening the sealed email.
+fn user_from(row: &Row, keys: &Keyring) -> Result<UserRow, StoreError> {
+    let id: Uuid = row.get(0);
+    let sealed = Sealed { key_id: row.get(2), bytes: row.get(3) };
+    let email = keys.open_string(&sealed, &email_context(&id)).map_err(|e| StoreError::Sealing(e.to_string()))?;
+    Ok(UserRow {
+        id,
         username: row.get(1),
-        email: row.get(2),
-        password_hash: row.get(3),
-        profile_id: row.get(4),
-        created_at: row.get(5),
-        updated_at: row.get(6),
-        password_changed_at: row.get(7),
-        vclock: row.get::<_, Json<VectorClock>>(8).0,
-    }
+        email,
+        password_hash: row.get(4),
+        profile_id: row.get(5),
+        created_at: row.get(6),
+        updated_at: row.get(7),
+        password_changed_at: row.get(8),
+        vclock: row.get::<_, Json<VectorClock>>(9).0,
+    })
 }
 
 fn profile_from(row: &Row) -> Profile {
@@ -368,7 +376,7 @@ impl Db {
             .await
             .map_err(|e| self.fail(e))?;
         let row = client.query_opt(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
-        row.as_ref().map(user_from).ok_or(StoreError::NotFound("user"))
+        user_from(&row.ok_or(StoreError::NotFound("user"))?, &self.env.keys.get())
     }
 
     pub async fn lookup(&self, kind: DirKind, key: String) -> Result<Option<Uuid>, StoreError> {
@@ -392,16 +400,18 @@ impl Db {
         let (mut user, mut profile) = (user, profile);
         user.vclock = VectorClock::new().incremented(&self.env.node_id);
         profile.vclock = user.vclock.clone();
+        let email = self.env.keys.get().seal(user.email.as_bytes(), &email_context(&user.id));
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         self.record_commit(&tx, txid).await?;
         self.insert_claims(&tx, &local_claims).await?;
         tx.execute(
-            concat!("INSERT INTO users (", user_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            concat!("INSERT INTO users (", user_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
             &[
                 &user.id,
                 &user.username,
-                &user.email,
+                &email.key_id,
+                &email.bytes,
                 &user.password_hash,
                 &user.profile_id,
                 &user.created_at,
@@ -453,7 +463,7 @@ impl Db {
             .query_opt(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1 FOR UPDATE"), &[&id])
             .await
             .map_err(|e| self.fail(e))?;
-        let mut user = row.as_ref().map(user_from).ok_or(StoreError::NotFound("user"))?;
+        let mut user = user_from(&row.ok_or(StoreError::NotFound("user"))?, &self.env.keys.get())?;
         check_if_match(if_match.as_deref(), &user.vclock)?;
         if (user.username.as_str(), user.email.as_str()) != (expected.0.as_str(), expected.1.as_str()) {
             return Err(StoreError::Conflict("the user was changed concurrently; retry".into()));
@@ -474,13 +484,16 @@ impl Db {
         }
         user.updated_at = now;
         user.vclock.increment(&self.env.node_id);
+        // Always sealed afresh, under the current key: an update also finishes a rotation.
+        let email = self.env.keys.get().seal(user.email.as_bytes(), &email_context(&user.id));
         tx.execute(
-            "UPDATE users SET username = $2, email = $3, password_hash = $4, updated_at = $5,
-                              password_changed_at = $6, vclock = $7 WHERE id = $1",
+            "UPDATE users SET username = $2, email_key = $3, email_sealed = $4, password_hash = $5, updated_at = $6,
+                              password_changed_at = $7, vclock = $8 WHERE id = $1",
             &[
                 &user.id,
                 &user.username,
-                &user.email,
+                &email.key_id,
+                &email.bytes,
                 &user.password_hash,
                 &user.updated_at,
                 &user.password_changed_at,
@@ -780,6 +793,70 @@ impl Db {
             .collect()
     }
 
+    // ----- data keys -----------------------------------------------------------------
+
+    /// Records check values of keys about to seal data here (idempotent).
+    pub async fn register_keys(&self, checks: Vec<KeyCheck>) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        register_checks(&client, &checks).await.map_err(|e| self.fail(e))
+    }
+
+    /// Rows sealed under each data key: (key id, rows).
+    pub async fn key_usage(&self) -> Result<Vec<(i32, i64)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT email_key, count(*) FROM users GROUP BY email_key ORDER BY email_key", &[])
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Re-seals up to `limit` emails sealed under an older key with the current one, in
+    /// one transaction; returns how many. Rows a writer holds are skipped (its update
+    /// seals under the current key anyway).
+    pub async fn reseal_batch(&self, limit: i64) -> Result<u64, StoreError> {
+        let keys = self.env.keys.get();
+        let current = keys.current();
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let rows = tx
+            .query(
+                "SELECT id, email_key, email_sealed FROM users WHERE email_key <> $1
+                 ORDER BY email_key, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                &[&current, &limit],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let update = tx
+            .prepare("UPDATE users SET email_key = $2, email_sealed = $3 WHERE id = $1")
+            .await
+            .map_err(|e| self.fail(e))?;
+        for row in &rows {
+            let id: Uuid = row.get(0);
+            let context = email_context(&id);
+            let old = Sealed { key_id: row.get(1), bytes: row.get(2) };
+            let plain = keys.open(&old, &context).map_err(|e| StoreError::Sealing(e.to_string()))?;
+            let new = keys.seal(&plain, &context);
+            tx.execute(&update, &[&id, &new.key_id, &new.bytes]).await.map_err(|e| self.fail(e))?;
+        }
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        Ok(rows.len() as u64)
+    }
+
+    /// Users whose password changed after `since`, and when.
+    pub async fn password_changes(&self, since: DateTime<Utc>) -> Result<Vec<(Uuid, DateTime<Utc>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, password_changed_at FROM users
+                 WHERE password_changed_at > created_at AND password_changed_at > $1",
+                &[&since],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     // ----- token revocations -------------------------------------------------------
 
     pub async fn revoke_token(&self, jti: Uuid, user_id: Uuid, expires_at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -794,16 +871,62 @@ impl Db {
         Ok(())
     }
 
-    /// Revocations still in force; prunes the expired ones.
-    pub async fn revocations(&self) -> Result<Vec<(Uuid, DateTime<Utc>)>, StoreError> {
+    /// Deletes revocations of tokens that have expired (they are refused anyway); returns how many.
+    pub async fn prune_revocations(&self) -> Result<u64, StoreError> {
         let client = self.client().await?;
         client
             .execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'", &[])
             .await
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Revocations still in force; prunes the expired ones.
+    pub async fn revocations(&self) -> Result<Vec<(Uuid, DateTime<Utc>)>, StoreError> {
+        self.prune_revocations().await?;
+        let client = self.client().await?;
         let rows = client.query("SELECT jti, expires_at FROM revoked_tokens", &[]).await.map_err(|e| self.fail(e))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
+}
+
+/// Checks that `keys` holds every key this shard has data or index entries under, then
+/// records the keyring's own check values. Run on every connect, before serving.
+pub async fn check_keys(client: &Client, keys: &Keyring) -> Result<(), String> {
+    let rows = client
+        .query("SELECT key_id, check_value FROM key_checks ORDER BY key_id", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    for row in rows {
+        let stored = KeyCheck { key_id: row.get(0), value: row.get(1) };
+        if !keys.verifies(&stored) {
+            let what = if stored.key_id == crate::sealing::INDEX_KEY_ID {
+                "the blind-index key".to_owned()
+            } else {
+                format!("data key {}", stored.key_id)
+            };
+            return Err(format!(
+                "{KEY_CHECK_FAILED}: this shard holds data under {what}, which the key file does not hold \
+                 (it is missing, or belongs to another node); restore the key file from backup \
+                 (see docs/SECURITY.md, \"Losing the key file\")"
+            ));
+        }
+    }
+    register_checks(client, &keys.checks()).await.map_err(|e| e.to_string())
+}
+
+/// The start of the error `check_keys` fails with: a node cannot serve without its keys.
+pub const KEY_CHECK_FAILED: &str = "key check failed";
+
+async fn register_checks(client: &Client, checks: &[KeyCheck]) -> Result<(), tokio_postgres::Error> {
+    for check in checks {
+        client
+            .execute(
+                "INSERT INTO key_checks (key_id, check_value) VALUES ($1, $2) ON CONFLICT (key_id) DO NOTHING",
+                &[&check.key_id, &check.value],
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// The fields of a user to change (already validated; the password already hashed).

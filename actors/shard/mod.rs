@@ -24,11 +24,12 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use db::Db;
-pub use db::{DirEntry, DirKind, ProjectQuery, ShardEnv, UserChange};
+pub use db::{DirEntry, DirKind, KEY_CHECK_FAILED, ProjectQuery, ShardEnv, UserChange};
 
 use crate::actors::event_hub::Report;
 use crate::model::{ChangeEvent, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
 use crate::problem::StoreError;
+use crate::sealing::KeyCheck;
 
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -137,6 +138,7 @@ impl ShardActor {
         let size = self.pool_size;
         let index = self.index;
         let sequencer = self.env.sequencer.clone();
+        let keys = self.env.keys.get();
         let attempt = async move {
             let manager = Manager::from_config(
                 pg,
@@ -156,6 +158,7 @@ impl ShardActor {
             if applied > 0 {
                 info!("schema migrated"; "shard" => index, "migrations" => applied);
             }
+            db::check_keys(&client, &keys).await?;
             let row = client.query_one("SELECT max(seq) FROM changes", &[]).await.map_err(|e| e.to_string())?;
             let skipped = row.get::<_, Option<i64>>(0).map(|max| sequencer.raise_floor(max));
             let prepared: String =
@@ -346,4 +349,14 @@ shard_requests! {
     RevokeToken { jti: Uuid, user_id: Uuid, expires_at: DateTime<Utc> } -> () = revoke_token;
     /// Revocations still in force.
     Revocations {} -> Vec<(Uuid, DateTime<Utc>)> = revocations;
+    /// Deletes revocations of expired tokens.
+    PruneRevocations {} -> u64 = prune_revocations;
+    /// Users whose password changed after a time.
+    PasswordChanges { since: DateTime<Utc> } -> Vec<(Uuid, DateTime<Utc>)> = password_changes;
+    /// Records check values of keys about to seal data on this shard.
+    RegisterKeys { checks: Vec<KeyCheck> } -> () = register_keys;
+    /// Rows sealed under each data key.
+    KeyUsage {} -> Vec<(i32, i64)> = key_usage;
+    /// Re-seals a batch of rows under the current data key.
+    ResealBatch { limit: i64 } -> u64 = reseal_batch;
 }

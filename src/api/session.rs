@@ -1,6 +1,6 @@
 //! `/api/v1/auth`: log in (username + password → access token) and log out (revoke it).
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::AppState;
 use super::extract::Authenticated;
@@ -8,17 +8,26 @@ use crate::actors::auth::{Login, Revoke};
 use crate::model::{LoginRequest, TokenResponse};
 use crate::problem::{ApiError, Problem};
 
-/// Log in. A wrong username and a wrong password get the same answer.
+/// Log in. A wrong username and a wrong password get the same answer. Failed logins are
+/// limited per client address and per username: past the limit, 429 with `Retry-After`.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse), (status = 400, body = Problem),
-        (status = 401, description = "Invalid username or password", body = Problem), (status = 503, body = Problem)))]
-pub async fn login(state: web::Data<AppState>, body: web::Json<LoginRequest>) -> Result<HttpResponse, ApiError> {
+        (status = 401, description = "Invalid username or password", body = Problem),
+        (status = 429, description = "Too many failed logins; see Retry-After", body = Problem),
+        (status = 503, body = Problem)))]
+pub async fn login(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Json<LoginRequest>,
+) -> Result<HttpResponse, ApiError> {
     let LoginRequest { username, password } = body.into_inner();
     // Oversized input cannot match any account; refuse it before any work is done.
     if username.len() > 254 || password.len() > 1024 {
         return Err(ApiError::Unauthorized("invalid username or password".into()));
     }
-    let token = state.auth.send(Login { username, password }).await??;
+    // The TCP peer: forwarded-for headers are not trusted (the node faces clients itself).
+    let client = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let token = state.auth.send(Login { username, password, client }).await??;
     Ok(HttpResponse::Ok().insert_header(("Cache-Control", "no-store")).json(token))
 }
 

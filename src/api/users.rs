@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::extract::{Authenticated, if_match};
 use super::{AppState, bad, tagged};
-use crate::actors::auth::HashPassword;
+use crate::actors::auth::{HashPassword, PasswordChanged};
 use crate::actors::shard::{GetUser, UserChange};
 use crate::model::{CreatedUser, NewUser, Profile, UserRow, UserUpdate, UserView};
 use crate::placement::{new_owned_id, new_root_id};
@@ -72,7 +72,8 @@ pub async fn get(
     Ok(tagged(HttpResponse::Ok(), &user.vclock).json(user.view(Some(caller.0.user_id))))
 }
 
-/// Change your username, email and/or password. Omitted fields are kept.
+/// Change your username, email and/or password. Omitted fields are kept. After a password
+/// change every token issued before it (this request's too) is refused: log in again.
 #[utoipa::path(put, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = [])), request_body = UserUpdate,
     params(("id" = Uuid, Path, description = "User id"), ("If-Match" = Option<String>, Header, description = "ETag from a GET")),
     responses((status = 200, body = UserView), (status = 400, body = Problem), (status = 401, body = Problem),
@@ -103,6 +104,11 @@ pub async fn update(
         Some(p) => Some(state.auth.send(HashPassword(p)).await??),
         None => None,
     };
+    let password_changed = password_hash.is_some();
     let user = state.shards.update_user(id, if_match, UserChange { username, email, password_hash }).await?;
+    if password_changed {
+        // Answer only once older tokens are refused, so the client can rely on it.
+        state.auth.send(PasswordChanged { user_id: id, at: user.password_changed_at }).await?;
+    }
     Ok(tagged(HttpResponse::Ok(), &user.vclock).json(user.view(Some(id))))
 }
