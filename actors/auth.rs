@@ -156,7 +156,9 @@ impl TokenVerifier {
         }
         if set.password_changed.get(&claims.sub).is_some_and(|changed| claims.pwd < *changed) {
             warn!("access token rejected"; "reason" => "issued before a password change", "user_id" => %claims.sub);
-            return Err(ApiError::Unauthorized("the password has changed since this token was issued; log in again".into()));
+            return Err(ApiError::Unauthorized(
+                "the password has changed since this token was issued; log in again".into(),
+            ));
         }
         Ok(Caller { user_id: claims.sub, jti: claims.jti, expires_at: claims.exp })
     }
@@ -215,27 +217,25 @@ impl AuthActor {
             let changed = shards.ask(shard, PasswordChanges { since }).await?;
             Ok::<_, crate::problem::StoreError>((revoked, changed))
         };
-        ctx.spawn(load.into_actor(self).map(move |res, act, ctx| {
-            match res {
-                Ok((revoked, changed)) => {
-                    let mut set = act.verifier.write();
-                    for (jti, exp) in revoked {
-                        set.jtis.insert(jti, exp.timestamp());
-                    }
-                    for (user, at) in changed {
-                        let at = at.timestamp_micros();
-                        let entry = set.password_changed.entry(user).or_insert(at);
-                        *entry = (*entry).max(at);
-                    }
-                    if let Some(flag) = set.loaded.get_mut(shard) {
-                        *flag = true;
-                    }
-                    drop(set);
-                    info!("token revocations loaded"; "shard" => shard);
+        ctx.spawn(load.into_actor(self).map(move |res, act, ctx| match res {
+            Ok((revoked, changed)) => {
+                let mut set = act.verifier.write();
+                for (jti, exp) in revoked {
+                    set.jtis.insert(jti, exp.timestamp());
                 }
-                Err(_) => {
-                    ctx.run_later(Duration::from_millis(200), move |act, ctx| act.load_revocations(ctx, shard));
+                for (user, at) in changed {
+                    let at = at.timestamp_micros();
+                    let entry = set.password_changed.entry(user).or_insert(at);
+                    *entry = (*entry).max(at);
                 }
+                if let Some(flag) = set.loaded.get_mut(shard) {
+                    *flag = true;
+                }
+                drop(set);
+                info!("token revocations loaded"; "shard" => shard);
+            }
+            Err(_) => {
+                ctx.run_later(Duration::from_millis(200), move |act, ctx| act.load_revocations(ctx, shard));
             }
         }));
     }

@@ -23,9 +23,6 @@ use crate::actors::shards::Shards;
 use crate::problem::ApiError;
 use crate::sealing::{KeyCheck, SharedKeyring};
 
-/// Rows re-sealed per transaction: small enough that a writer waits little for a row.
-const BATCH: i64 = 500;
-
 /// How long the pass waits before retrying a shard that is unavailable.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -66,13 +63,16 @@ pub struct KeyActor {
     keys: Arc<SharedKeyring>,
     key_file: PathBuf,
     shards: Shards,
+    /// Rows re-sealed per transaction.
+    batch: i64,
     progress: Arc<Mutex<Option<ResealProgress>>>,
 }
 
 impl KeyActor {
-    /// A key actor over the node's keyring, stored in `key_file`.
-    pub fn new(keys: Arc<SharedKeyring>, key_file: PathBuf, shards: Shards) -> Self {
-        Self { keys, key_file, shards, progress: Arc::new(Mutex::new(None)) }
+    /// A key actor over the node's keyring, stored in `key_file`, re-sealing `batch` rows
+    /// per transaction.
+    pub fn new(keys: Arc<SharedKeyring>, key_file: PathBuf, shards: Shards, batch: u32) -> Self {
+        Self { keys, key_file, shards, batch: i64::from(batch), progress: Arc::new(Mutex::new(None)) }
     }
 
     fn progress(&self) -> Option<ResealProgress> {
@@ -89,7 +89,7 @@ impl KeyActor {
             return;
         }
         let target_key = self.keys.get().current();
-        let shards = self.shards.clone();
+        let (shards, batch) = (self.shards.clone(), self.batch);
         let progress = self.progress.clone();
         *progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(ResealProgress { target_key, ..Default::default() });
         actix::spawn(async move {
@@ -101,7 +101,9 @@ impl KeyActor {
             for shard in 0..shards.len() {
                 let old: u64 = loop {
                     match shards.ask(shard, KeyUsage {}).await {
-                        Ok(usage) => break usage.iter().filter(|(k, _)| *k != target_key).map(|(_, n)| *n as u64).sum(),
+                        Ok(usage) => {
+                            break usage.iter().filter(|(k, _)| *k != target_key).map(|(_, n)| *n as u64).sum();
+                        }
                         Err(e) => {
                             update(&|p| p.last_error = Some(format!("shard {shard}: {e}")));
                             tokio::time::sleep(RETRY).await;
@@ -113,7 +115,7 @@ impl KeyActor {
             info!("re-sealing rows under older keys"; "target_key" => target_key);
             for shard in 0..shards.len() {
                 loop {
-                    match shards.ask(shard, ResealBatch { limit: BATCH }).await {
+                    match shards.ask(shard, ResealBatch { limit: batch }).await {
                         Ok(0) => break,
                         Ok(n) => update(&|p| p.done += n),
                         Err(e) => {
@@ -136,11 +138,19 @@ impl KeyActor {
 impl Actor for KeyActor {
     type Context = Context<Self>;
 
-    /// Resumes a rotation an earlier run left unfinished.
+    /// Resumes a rotation an earlier run left unfinished, once every shard answers.
     fn started(&mut self, ctx: &mut Self::Context) {
-        let left = rows_left(self.shards.clone(), self.keys.get().current());
+        let (shards, current) = (self.shards.clone(), self.keys.get().current());
+        let left = async move {
+            loop {
+                match rows_left(shards.clone(), current).await {
+                    Ok(left) => break left,
+                    Err(_) => tokio::time::sleep(RETRY).await,
+                }
+            }
+        };
         ctx.spawn(left.into_actor(self).map(|left, act, _| {
-            if let Ok(left @ 1..) = left {
+            if left > 0 {
                 info!("resuming an unfinished key rotation"; "rows_left" => left);
                 act.start_pass();
             }

@@ -133,12 +133,12 @@ fn api_url(addr: SocketAddr) -> String {
 /// The node's keyring from its key file, created (mode 0600) if there is none yet. A
 /// newly created one is useless for data sealed before: the shards' key checks catch that.
 fn load_keyring(path: &Path) -> anyhow::Result<(Keyring, bool)> {
-    let text = crate::secrets::read_private(path).with_context(|| format!("cannot read the key file {}", path.display()))?;
+    let text =
+        crate::secrets::read_private(path).with_context(|| format!("cannot read the key file {}", path.display()))?;
     match text {
-        Some(text) => Ok((
-            Keyring::parse(&text).with_context(|| format!("cannot use the key file {}", path.display()))?,
-            false,
-        )),
+        Some(text) => {
+            Ok((Keyring::parse(&text).with_context(|| format!("cannot use the key file {}", path.display()))?, false))
+        }
         None => {
             let ring = Keyring::generate();
             if let Some(dir) = path.parent() {
@@ -240,7 +240,7 @@ async fn start(
     .context("cannot start the HTTPS server")?
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
-    let key_actor = KeyActor::new(keys.clone(), config.key_file.clone(), shards.clone()).start();
+    let key_actor = KeyActor::new(keys.clone(), config.key_file.clone(), shards.clone(), config.reseal_batch).start();
     ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor).start();
     watch_signals(supervisor.clone());
 

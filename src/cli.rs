@@ -283,9 +283,7 @@ mod tests {
         }
         let cli = parse(&["start", "--detach", "--log-level", "debug", "--bcrypt-cost", "4"]).unwrap();
         assert_eq!(cli.global.options().log_level.as_deref(), Some("debug"));
-        assert!(
-            matches!(cli.command, Command::Start(ref s) if s.detach && s.node.bcrypt_cost == Some(4))
-        );
+        assert!(matches!(cli.command, Command::Start(ref s) if s.detach && s.node.bcrypt_cost == Some(4)));
     }
 
     #[test]

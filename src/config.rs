@@ -35,6 +35,7 @@ pub mod defaults {
     pub const TOKEN_TTL_SECS: u64 = 3600;
     pub const WS_QUEUE: usize = 1024;
     pub const KEY_FILE: &str = "keys.json";
+    pub const RESEAL_BATCH: u32 = 500;
     pub const LOGIN_FAILURES_PER_ADDRESS: u32 = 20;
     pub const LOGIN_FAILURES_PER_USERNAME: u32 = 5;
     pub const LOG_LEVEL: &str = "info";
@@ -99,6 +100,11 @@ pub struct NodeArgs {
     #[arg(long, env = "COSMICSYNC_KEY_FILE", value_name = "FILE")]
     pub key_file: Option<PathBuf>,
 
+    /// Rows re-sealed per transaction during a key rotation: smaller batches hold row
+    /// locks for less time, larger ones finish sooner [default: 500]
+    #[arg(long, env = "COSMICSYNC_RESEAL_BATCH", value_name = "ROWS")]
+    pub reseal_batch: Option<u32>,
+
     /// A browser origin allowed to call the API cross-origin (repeatable); CORS is off
     /// when none is given
     #[arg(long = "cors-origin", env = "COSMICSYNC_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
@@ -130,6 +136,7 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub ws_queue: Option<usize>,
     pub key_file: Option<PathBuf>,
+    pub reseal_batch: Option<u32>,
     pub cors_origins: Option<Vec<String>>,
     pub login_failures_per_address: Option<u32>,
     pub login_failures_per_username: Option<u32>,
@@ -168,6 +175,7 @@ pub struct NodeConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub ws_queue: usize,
     pub key_file: PathBuf,
+    pub reseal_batch: u32,
     pub cors_origins: Vec<String>,
     pub login_failures_per_address: NonZeroU32,
     pub login_failures_per_username: NonZeroU32,
@@ -224,9 +232,10 @@ impl FileConfig {
 
     /// Does any setting carry a secret (today: a password inside a shard URL)?
     fn holds_secrets(&self) -> bool {
-        self.shard_urls.iter().flatten().any(|url| {
-            url.parse::<tokio_postgres::Config>().map(|c| c.get_password().is_some()).unwrap_or(true)
-        })
+        self.shard_urls
+            .iter()
+            .flatten()
+            .any(|url| url.parse::<tokio_postgres::Config>().map(|c| c.get_password().is_some()).unwrap_or(true))
     }
 }
 
@@ -297,6 +306,10 @@ impl NodeConfig {
             Some(path) => std::path::absolute(path).map_err(|e| invalid("key-file", e.to_string()))?,
             None => data_dir.join(defaults::KEY_FILE),
         };
+        let reseal_batch = args.reseal_batch.or(file.reseal_batch).unwrap_or(defaults::RESEAL_BATCH);
+        if !(1..=100_000).contains(&reseal_batch) {
+            return Err(invalid("reseal-batch", "must be 1-100000"));
+        }
         let cors_origins = if args.cors_origins.is_empty() {
             file.cors_origins.unwrap_or_default()
         } else {
@@ -307,7 +320,10 @@ impl NodeConfig {
             let ok = host.is_some_and(|h| !h.is_empty() && !h.contains(['/', '*', ' ', '?', '#', '@']))
                 && origin.parse::<actix_web::http::Uri>().is_ok();
             if !ok {
-                return Err(invalid("cors-origin", format!("{origin:?} is not an origin like https://app.example.org")));
+                return Err(invalid(
+                    "cors-origin",
+                    format!("{origin:?} is not an origin like https://app.example.org"),
+                ));
             }
         }
         let limit = |field: &'static str, value: Option<u32>, default: u32| {
@@ -337,6 +353,7 @@ impl NodeConfig {
             tls,
             ws_queue,
             key_file,
+            reseal_batch,
             cors_origins,
             login_failures_per_address,
             login_failures_per_username,

@@ -167,7 +167,12 @@ impl Keyring {
             self.keys.iter().map(|(id, k)| (*id, data_key(k.raw, k.created_at.clone()))).collect();
         let next = self.keys.keys().max().copied().unwrap_or(0) + 1;
         keys.insert(next, data_key(random_key(), chrono::Utc::now().to_rfc3339()));
-        Self { current: next, keys, index: hmac::Key::new(hmac::HMAC_SHA256, &self.index_raw), index_raw: self.index_raw }
+        Self {
+            current: next,
+            keys,
+            index: hmac::Key::new(hmac::HMAC_SHA256, &self.index_raw),
+            index_raw: self.index_raw,
+        }
     }
 
     /// The id of the key new values are sealed with.

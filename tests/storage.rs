@@ -5,22 +5,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
-use common::{Node, PASSWORD, wait_for};
+use common::{Node, PASSWORD, shard_db, wait_for};
+use cosmicsync::sealing::{Sealed, email_context};
 use reqwest::Method;
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-/// A direct connection to shard `shard` of the node's own PostgreSQL.
-async fn shard_db(dir: &Path, shard: usize) -> tokio_postgres::Client {
-    let mut config = tokio_postgres::Config::new();
-    config.host_path(dir.join("pg")).port(5432).user("postgres").dbname(format!("shard_{shard}"));
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to the node's PostgreSQL");
-    tokio::spawn(conn);
-    client
-}
 
 #[tokio::test]
 async fn change_log_records_every_write_with_its_clock() {
@@ -173,14 +164,18 @@ async fn a_crash_never_leaves_a_half_created_user() {
     drop(node);
 
     let node = Node::start_in(&dir, &[]).await;
+    let keys = common::keyring(&dir);
     let mut users = BTreeMap::new();
     let mut directory = BTreeSet::new();
     for shard in 0..4 {
         let db = shard_db(&dir, shard).await;
         let prepared: i64 = db.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.unwrap().get(0);
         assert_eq!(prepared, 0);
-        for r in db.query("SELECT id, lower(username), lower(email) FROM users", &[]).await.unwrap() {
-            users.insert(r.get::<_, Uuid>(0), (r.get::<_, String>(1), r.get::<_, String>(2)));
+        for r in db.query("SELECT id, lower(username), email_key, email_sealed FROM users", &[]).await.unwrap() {
+            let id: Uuid = r.get(0);
+            let sealed = Sealed { key_id: r.get(2), bytes: r.get(3) };
+            let email = keys.open_string(&sealed, &email_context(&id)).expect("the email opens with the node's key");
+            users.insert(id, (r.get::<_, String>(1), keys.blind_index("email", &email.to_lowercase())));
         }
         for r in db.query("SELECT kind, key, user_id FROM directory", &[]).await.unwrap() {
             directory.insert((r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, Uuid>(2)));

@@ -14,8 +14,8 @@ pub mod users;
 pub mod ws;
 
 use actix::Addr;
-use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_cors::Cors;
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::middleware::{Condition, DefaultHeaders};
 use actix_web::{HttpResponse, HttpResponseBuilder, web};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};

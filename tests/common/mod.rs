@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -294,3 +295,80 @@ pub fn client_trusting(cert: &Path) -> reqwest::Client {
 
 /// A client WebSocket to a node.
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The longest any one CLI invocation may take (a detached start waits up to 120 s).
+const CLI_DEADLINE: Duration = Duration::from_secs(180);
+
+/// What a CLI run produced.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts the exit code, showing the output when it differs.
+    pub fn expect(self, code: i32) -> Self {
+        assert_eq!(self.code, Some(code), "unexpected exit code; output: {self:#?}");
+        self
+    }
+
+    /// stdout as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+}
+
+/// One helper for every CLI call: runs `cosmicsync --data-dir <dir> <args>` with no
+/// `COSMICSYNC_*` variables but `env`, and a deadline.
+pub fn cli_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(binary());
+    cmd.arg("--data-dir").arg(dir).args(args);
+    for (name, _) in std::env::vars_os().filter(|(n, _)| n.to_string_lossy().starts_with("COSMICSYNC_")) {
+        cmd.env_remove(name);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run cosmicsync");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + CLI_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for cosmicsync") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`cosmicsync {}` did not finish within {CLI_DEADLINE:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run { code: status.code(), stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
+}
+
+pub fn cli(dir: &Path, args: &[&str]) -> Run {
+    cli_env(dir, args, &[])
+}
+
+/// A direct connection to shard `shard` of a node's own PostgreSQL (data directory `dir`).
+pub async fn shard_db(dir: &Path, shard: usize) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config.host_path(dir.join("pg")).port(5432).user("postgres").dbname(format!("shard_{shard}"));
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to the node's PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// The keyring a node keeps in its data directory (to check what it stored).
+pub fn keyring(dir: &Path) -> cosmicsync::sealing::Keyring {
+    let text = std::fs::read_to_string(dir.join("keys.json")).expect("read keys.json");
+    cosmicsync::sealing::Keyring::parse(&text).expect("parse keys.json")
+}
