@@ -14,8 +14,9 @@ use crate::problem::{ApiError, Problem};
         (status = 401, description = "Invalid username or password", body = Problem), (status = 503, body = Problem)))]
 pub async fn login(state: web::Data<AppState>, body: web::Json<LoginRequest>) -> Result<HttpResponse, ApiError> {
     let LoginRequest { username, password } = body.into_inner();
-    // Oversized input cannot match any account; refuse it before any work is done.
-    if username.len() > 254 || password.len() > 1024 {
+    // A name registration would refuse (too long, a NUL PostgreSQL cannot take, ...) or
+    // an oversized password cannot match any account; refuse them before any work is done.
+    if crate::validate::username(&username).is_err() || password.len() > 1024 {
         return Err(ApiError::Unauthorized("invalid username or password".into()));
     }
     let token = state.auth.send(Login { username, password }).await??;
