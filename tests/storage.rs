@@ -5,22 +5,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
-use common::{Node, PASSWORD, wait_for};
+use common::{Node, PASSWORD, shard_db, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-/// A direct connection to shard `shard` of the node's own PostgreSQL.
-async fn shard_db(dir: &Path, shard: usize) -> tokio_postgres::Client {
-    let mut config = tokio_postgres::Config::new();
-    config.host_path(dir.join("pg")).port(5432).user("postgres").dbname(format!("shard_{shard}"));
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to the node's PostgreSQL");
-    tokio::spawn(conn);
-    client
-}
 
 #[tokio::test]
 async fn change_log_records_every_write_with_its_clock() {
