@@ -13,6 +13,9 @@ pub mod session;
 pub mod users;
 pub mod ws;
 
+#[cfg(test)]
+mod decode_props;
+
 use actix::Addr;
 use actix_cors::Cors;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};

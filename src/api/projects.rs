@@ -15,6 +15,32 @@ use crate::problem::{ApiError, Problem};
 use crate::validate::{self, limits};
 use crate::vclock::VectorClock;
 
+/// Checks and normalises a new project.
+pub fn validated_new(new: NewProject) -> Result<NewProject, ApiError> {
+    let NewProject { name, description, tags } = new;
+    Ok(NewProject {
+        name: validate::line("name", &name, 1, limits::PROJECT_NAME_MAX).map_err(bad)?,
+        description: validate::text("description", &description, limits::DESCRIPTION_MAX).map_err(bad)?,
+        tags: validate::labels("tags", &tags).map_err(bad)?,
+    })
+}
+
+/// Checks and normalises an update; omitted fields stay omitted (kept).
+pub fn validated_update(update: ProjectUpdate) -> Result<ProjectUpdate, ApiError> {
+    let ProjectUpdate { name, description, tags } = update;
+    if name.is_none() && description.is_none() && tags.is_none() {
+        return Err(bad("give at least one of name, description, tags".into()));
+    }
+    Ok(ProjectUpdate {
+        name: name.map(|n| validate::line("name", &n, 1, limits::PROJECT_NAME_MAX)).transpose().map_err(bad)?,
+        description: description
+            .map(|d| validate::text("description", &d, limits::DESCRIPTION_MAX))
+            .transpose()
+            .map_err(bad)?,
+        tags: tags.map(|t| validate::labels("tags", &t)).transpose().map_err(bad)?,
+    })
+}
+
 /// Create a project owned by the caller.
 #[utoipa::path(post, path = "/api/v1/projects", tag = "projects", security(("bearer" = [])), request_body = NewProject,
     responses((status = 201, description = "Created; `Location` names the project", body = Project),
@@ -24,15 +50,15 @@ pub async fn create(
     caller: Authenticated,
     body: web::Json<NewProject>,
 ) -> Result<HttpResponse, ApiError> {
-    let NewProject { name, description, tags } = body.into_inner();
+    let NewProject { name, description, tags } = validated_new(body.into_inner())?;
     let creator = caller.0.user_id;
     let now = crate::model::now();
     let project = Project {
         id: new_owned_id(&creator),
         creator_id: creator,
-        name: validate::line("name", &name, 1, limits::PROJECT_NAME_MAX).map_err(bad)?,
-        description: validate::text("description", &description, limits::DESCRIPTION_MAX).map_err(bad)?,
-        tags: validate::labels("tags", &tags).map_err(bad)?,
+        name,
+        description,
+        tags,
         created_at: now,
         updated_at: now,
         vclock: VectorClock::new(),
@@ -72,18 +98,7 @@ pub async fn update(
     body: web::Json<ProjectUpdate>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    let ProjectUpdate { name, description, tags } = body.into_inner();
-    if name.is_none() && description.is_none() && tags.is_none() {
-        return Err(bad("give at least one of name, description, tags".into()));
-    }
-    let update = ProjectUpdate {
-        name: name.map(|n| validate::line("name", &n, 1, limits::PROJECT_NAME_MAX)).transpose().map_err(bad)?,
-        description: description
-            .map(|d| validate::text("description", &d, limits::DESCRIPTION_MAX))
-            .transpose()
-            .map_err(bad)?,
-        tags: tags.map(|t| validate::labels("tags", &t)).transpose().map_err(bad)?,
-    };
+    let update = validated_update(body.into_inner())?;
     let if_match = if_match(&req)?;
     let project = state.shards.ask_for(&id, UpdateProject { id, caller: caller.0.user_id, if_match, update }).await?;
     Ok(tagged(HttpResponse::Ok(), &project.vclock).json(project))

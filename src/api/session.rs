@@ -21,8 +21,9 @@ pub async fn login(
     body: web::Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let LoginRequest { username, password } = body.into_inner();
-    // Oversized input cannot match any account; refuse it before any work is done.
-    if username.len() > 254 || password.len() > 1024 {
+    // A name registration would refuse (too long, a NUL PostgreSQL cannot take, ...) or
+    // an oversized password cannot match any account; refuse them before any work is done.
+    if crate::validate::username(&username).is_err() || password.len() > 1024 {
         return Err(ApiError::Unauthorized("invalid username or password".into()));
     }
     // The TCP peer: forwarded-for headers are not trusted (the node faces clients itself).

@@ -13,6 +13,29 @@ use crate::problem::{ApiError, Problem};
 use crate::validate;
 use crate::vclock::VectorClock;
 
+/// Checks and normalises a registration.
+pub fn validated_new(new: NewUser) -> Result<NewUser, ApiError> {
+    let NewUser { username, email, password } = new;
+    let username = validate::username(&username).map_err(bad)?;
+    let email = validate::email(&email).map_err(bad)?;
+    validate::password(&password).map_err(bad)?;
+    Ok(NewUser { username, email, password })
+}
+
+/// Checks and normalises an update; omitted fields stay omitted (kept).
+pub fn validated_update(update: UserUpdate) -> Result<UserUpdate, ApiError> {
+    let UserUpdate { username, email, password } = update;
+    if username.is_none() && email.is_none() && password.is_none() {
+        return Err(bad("give at least one of username, email, password".into()));
+    }
+    let username = username.map(|u| validate::username(&u)).transpose().map_err(bad)?;
+    let email = email.map(|e| validate::email(&e)).transpose().map_err(bad)?;
+    if let Some(p) = &password {
+        validate::password(p).map_err(bad)?;
+    }
+    Ok(UserUpdate { username, email, password })
+}
+
 /// Register a user; their empty profile is created in the same transaction.
 #[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = NewUser,
     responses(
@@ -20,10 +43,7 @@ use crate::vclock::VectorClock;
         (status = 400, body = Problem), (status = 409, description = "Username or email taken", body = Problem),
         (status = 413, body = Problem), (status = 415, body = Problem), (status = 503, body = Problem)))]
 pub async fn create(state: web::Data<AppState>, body: web::Json<NewUser>) -> Result<HttpResponse, ApiError> {
-    let NewUser { username, email, password } = body.into_inner();
-    let username = validate::username(&username).map_err(bad)?;
-    let email = validate::email(&email).map_err(bad)?;
-    validate::password(&password).map_err(bad)?;
+    let NewUser { username, email, password } = validated_new(body.into_inner())?;
     let password_hash = state.auth.send(HashPassword(password)).await??;
     let now = crate::model::now();
     let id = new_root_id();
@@ -91,15 +111,7 @@ pub async fn update(
         return Err(ApiError::Forbidden("you may change only your own user".into()));
     }
     let if_match = if_match(&req)?;
-    let UserUpdate { username, email, password } = body.into_inner();
-    if username.is_none() && email.is_none() && password.is_none() {
-        return Err(bad("give at least one of username, email, password".into()));
-    }
-    let username = username.map(|u| validate::username(&u)).transpose().map_err(bad)?;
-    let email = email.map(|e| validate::email(&e)).transpose().map_err(bad)?;
-    if let Some(p) = &password {
-        validate::password(p).map_err(bad)?;
-    }
+    let UserUpdate { username, email, password } = validated_update(body.into_inner())?;
     let password_hash = match password {
         Some(p) => Some(state.auth.send(HashPassword(p)).await??),
         None => None,

@@ -283,6 +283,15 @@ pub fn stop_cluster(dir: &Path) {
     let _ = cmd.arg("-D").arg(&pg).args(["stop", "-m", "immediate", "-w"]).output();
 }
 
+/// A direct connection to shard `shard` of a node's own PostgreSQL (data directory `dir`).
+pub async fn shard_db(dir: &Path, shard: usize) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config.host_path(dir.join("pg")).port(5432).user("postgres").dbname(format!("shard_{shard}"));
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to the node's PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
 /// An HTTPS client that trusts the node's certificate.
 pub fn client_trusting(cert: &Path) -> reqwest::Client {
     let pem = std::fs::read(cert).expect("read node certificate");
@@ -356,15 +365,6 @@ pub fn cli_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
 
 pub fn cli(dir: &Path, args: &[&str]) -> Run {
     cli_env(dir, args, &[])
-}
-
-/// A direct connection to shard `shard` of a node's own PostgreSQL (data directory `dir`).
-pub async fn shard_db(dir: &Path, shard: usize) -> tokio_postgres::Client {
-    let mut config = tokio_postgres::Config::new();
-    config.host_path(dir.join("pg")).port(5432).user("postgres").dbname(format!("shard_{shard}"));
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to the node's PostgreSQL");
-    tokio::spawn(conn);
-    client
 }
 
 /// The keyring a node keeps in its data directory (to check what it stored).
