@@ -19,6 +19,7 @@ pub mod placement;
 pub mod problem;
 pub mod secrets;
 pub mod sequencer;
+pub mod shard_tls;
 pub mod tls;
 pub mod validate;
 pub mod vclock;

@@ -1,0 +1,194 @@
+//! The rustls connector a shard's pool connects through, built from its [`ShardTls`].
+//!
+//! One connector type serves every mode, so `ShardActor` has one pool type: for a Unix
+//! socket it is never used (tokio-postgres is told `sslmode=disable`). TLS 1.2 is the
+//! minimum and 1.3 preferred (rustls' safe defaults), with the aws-lc-rs provider.
+//!
+//! Reading the CA file is the only I/O here. It must never accept a certificate it was
+//! not told to: `verify-ca` forgives only a host-name mismatch, after the chain has been
+//! verified; `require` authenticates nobody, which is why the node warns about it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::{ShardTls, TlsMode};
+
+/// The ALPN protocol PostgreSQL 17 asks for on direct TLS connections; older servers ignore it.
+const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// A CA file (or the TLS setup built on it) that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read the shard CA file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the shard CA file {path} holds no usable PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("cannot set up TLS to the shards: {0}")]
+    Tls(String),
+}
+
+/// The connector for a shard's pool.
+pub fn connector(tls: &ShardTls) -> Result<MakeRustlsConnect, CaFileError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CaFileError::Tls(e.to_string()))?;
+    let roots = match (&tls.ca_file, tls.mode) {
+        (Some(path), TlsMode::VerifyCa | TlsMode::VerifyFull) => load_roots(path)?,
+        // Off: never used. Require: nothing to verify against.
+        _ => RootCertStore::empty(),
+    };
+    let mut config = match tls.mode {
+        // An empty trust store: were this connector ever used, it would refuse every server.
+        TlsMode::Off | TlsMode::VerifyFull => builder.with_root_certificates(roots).with_no_client_auth(),
+        TlsMode::VerifyCa => {
+            let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| CaFileError::Tls(e.to_string()))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(chain))).with_no_client_auth()
+        }
+        TlsMode::Require => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(EncryptOnly(provider))).with_no_client_auth()
+        }
+    };
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(MakeRustlsConnect::new(config))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, CaFileError> {
+    let pem = std::fs::read(path).map_err(|source| CaFileError::Read { path: path.to_owned(), source })?;
+    let no_cert = || CaFileError::NoCertificate { path: path.to_owned() };
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|_| no_cert())?;
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(no_cert());
+    }
+    Ok(roots)
+}
+
+/// `verify-ca`: the full WebPKI check, forgiving only a certificate issued for another name.
+/// rustls checks the chain before the name, so a name error means the chain was good.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `require` without a CA: any certificate is accepted (libpq's meaning), but the handshake
+/// signatures are still checked, so the session keys belong to whoever holds that certificate.
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_file_problems_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        for path in [missing, garbage] {
+            let tls = ShardTls { mode: TlsMode::VerifyFull, ca_file: Some(path.clone()) };
+            let err = connector(&tls).err().expect("an unusable CA file is refused").to_string();
+            assert!(err.contains(&*path.to_string_lossy()), "{err}");
+        }
+    }
+
+    #[test]
+    fn every_mode_builds_with_a_real_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        for mode in [TlsMode::Off, TlsMode::Require, TlsMode::VerifyCa, TlsMode::VerifyFull] {
+            let ca_file = (mode != TlsMode::Require).then(|| ca.clone());
+            connector(&ShardTls { mode, ca_file }).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        }
+    }
+}
