@@ -178,14 +178,55 @@ mod tests {
         }
     }
 
+    /// A CA called `ca_name` and a certificate it signed for `localhost` only.
+    fn ca_and_leaf(ca_name: &str) -> (rcgen::Certificate, CertificateDer<'static>) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name.push(rcgen::DnType::CommonName, ca_name);
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let leaf = leaf.signed_by(&leaf_key, &ca).unwrap();
+        (ca.as_ref().clone(), leaf.der().clone())
+    }
+
+    /// What a verifier built like `connector` says about `leaf` presented as `name`.
+    fn verdict(verifier: &dyn ServerCertVerifier, leaf: &CertificateDer<'_>, name: &str) -> Result<(), String> {
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        verifier.verify_server_cert(leaf, &[], &name, &[], UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn verify_ca_forgives_the_name_only_and_verify_full_nothing() {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (ca, leaf) = ca_and_leaf("shard CA");
+        let (other_ca, _) = ca_and_leaf("another CA");
+        let webpki = |ca: &rcgen::Certificate| {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.der().clone()).unwrap();
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap()
+        };
+        let full = webpki(&ca);
+        let chain_only = ChainOnly(webpki(&ca));
+        assert_eq!(verdict(full.as_ref(), &leaf, "localhost"), Ok(()));
+        assert!(verdict(full.as_ref(), &leaf, "127.0.0.1").is_err());
+        assert_eq!(verdict(&chain_only, &leaf, "localhost"), Ok(()));
+        assert_eq!(verdict(&chain_only, &leaf, "127.0.0.1"), Ok(()));
+        // A chain to another CA is refused by both, whatever the name.
+        for name in ["localhost", "127.0.0.1"] {
+            let err = verdict(&ChainOnly(webpki(&other_ca)), &leaf, name).unwrap_err();
+            assert!(err.contains("UnknownIssuer"), "{err}");
+            assert!(verdict(webpki(&other_ca).as_ref(), &leaf, name).is_err());
+        }
+        // require without a CA authenticates nobody: that is why the node warns about it.
+        assert_eq!(verdict(&EncryptOnly(provider.clone()), &leaf, "127.0.0.1"), Ok(()));
+    }
+
     #[test]
     fn every_mode_builds_with_a_real_ca() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let key = rcgen::KeyPair::generate().unwrap();
-        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(&ca, ca_and_leaf("shard CA").0.pem()).unwrap();
         for mode in [TlsMode::Off, TlsMode::Require, TlsMode::VerifyCa, TlsMode::VerifyFull] {
             let ca_file = (mode != TlsMode::Require).then(|| ca.clone());
             connector(&ShardTls { mode, ca_file }).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
