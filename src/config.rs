@@ -315,6 +315,26 @@ mod tests {
     }
 
     #[test]
+    fn shard_urls_follow_the_tls_policy_with_the_ca_file_from_flag_or_file() {
+        let tcp = |query: &str| NodeArgs {
+            shard_urls: vec![format!("postgresql://u:pw-secret@db.internal/s0{query}")],
+            ..Default::default()
+        };
+        let merge = |args: &NodeArgs, toml: &str| NodeConfig::merge(&GlobalOptions::default(), args, file(toml));
+        let err = merge(&tcp("?sslmode=disable"), "").unwrap_err().to_string();
+        assert!(err.contains("shard-url") && err.contains("shard 0") && err.contains("sslmode=disable"), "{err}");
+        assert!(!err.contains("pw-secret"), "{err}");
+        // verify-full (the default) needs a CA file: the flag wins over the file.
+        let err = merge(&tcp(""), "").unwrap_err().to_string();
+        assert!(err.contains("--shard-ca-file"), "{err}");
+        let c = merge(&tcp(""), "shard_ca_file = \"/file-ca.pem\"").unwrap();
+        assert_eq!(c.shard_ca_file.as_deref(), Some(Path::new("/file-ca.pem")));
+        let flag = NodeArgs { shard_ca_file: Some("/flag-ca.pem".into()), ..tcp("") };
+        let c = merge(&flag, "shard_ca_file = \"/file-ca.pem\"").unwrap();
+        assert_eq!(c.shard_ca_file.as_deref(), Some(Path::new("/flag-ca.pem")));
+    }
+
+    #[test]
     fn rejects_bad_values_with_the_field_name() {
         for (args, field) in [
             (NodeArgs { bcrypt_cost: Some(3), ..Default::default() }, "bcrypt-cost"),

@@ -254,6 +254,22 @@ async fn a_host_name_not_in_the_certificate_fails_verify_full_but_passes_verify_
     drop(node);
 }
 
+#[tokio::test]
+async fn require_without_a_ca_encrypts_and_warns_without_the_password() {
+    let Some(server) = TlsServer::start() else { return };
+    // The server trusts local TCP clients, so it never asks for this password.
+    let url = format!("postgresql://postgres:Never-Logged-7@localhost:{}/s0?sslmode=require", server.port);
+    let node = Node::start(&["--shard-url", &url]).await;
+    assert_serves(&node, "ada").await;
+    let (encrypted, plain, _) = server.node_connections().await;
+    assert!(encrypted > 0 && plain == 0, "encrypted {encrypted}, plain {plain}");
+    let log = node.log();
+    let warning = log.lines().find(|l| l.contains("not authenticated")).expect("a warning about require");
+    assert!(warning.contains("shard: 0") && warning.contains(&format!("localhost:{}", server.port)), "{warning}");
+    assert!(!log.contains("Never-Logged-7"), "the password is in the log");
+    drop(node);
+}
+
 #[test]
 fn plaintext_or_unverifiable_shard_urls_are_refused_at_start() {
     let secret = "hunter2-not-in-errors";
