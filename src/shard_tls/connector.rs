@@ -49,14 +49,17 @@ pub fn connector(tls: &ShardTls) -> Result<MakeRustlsConnect, CaFileError> {
     let mut config = match tls.mode {
         // An empty trust store: were this connector ever used, it would refuse every server.
         TlsMode::Off | TlsMode::VerifyFull => builder.with_root_certificates(roots).with_no_client_auth(),
-        TlsMode::VerifyCa => {
-            let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| CaFileError::Tls(e.to_string()))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(chain))).with_no_client_auth()
-        }
-        TlsMode::Require => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(EncryptOnly(provider))).with_no_client_auth()
+        TlsMode::VerifyCa | TlsMode::Require => {
+            let chain = match tls.mode {
+                TlsMode::VerifyCa => Some(
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| CaFileError::Tls(e.to_string()))?,
+                ),
+                _ => None,
+            };
+            let verifier = Arc::new(Lenient { chain, provider });
+            builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
         }
     };
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
@@ -76,12 +79,19 @@ fn load_roots(path: &Path) -> Result<RootCertStore, CaFileError> {
     Ok(roots)
 }
 
-/// `verify-ca`: the full WebPKI check, forgiving only a certificate issued for another name.
-/// rustls checks the chain before the name, so a name error means the chain was good.
+/// The verifier of the two modes that check less than WebPKI does. With a `chain`
+/// (`verify-ca`) it runs the full WebPKI check and forgives only a certificate issued for
+/// another name — rustls checks the chain before the name, so a name error means the chain
+/// was good. Without one (`require` with no CA) it accepts any certificate, as libpq does.
+/// Either way the handshake signatures are checked, so the session belongs to whoever
+/// holds the certificate's key.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -90,7 +100,8 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -104,7 +115,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -113,51 +124,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `require` without a CA: any certificate is accepted (libpq's meaning), but the handshake
-/// signatures are still checked, so the session keys belong to whoever holds that certificate.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -207,19 +178,20 @@ mod tests {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap()
         };
         let full = webpki(&ca);
-        let chain_only = ChainOnly(webpki(&ca));
+        let chain_only = Lenient { chain: Some(webpki(&ca)), provider: provider.clone() };
         assert_eq!(verdict(full.as_ref(), &leaf, "localhost"), Ok(()));
         assert!(verdict(full.as_ref(), &leaf, "127.0.0.1").is_err());
         assert_eq!(verdict(&chain_only, &leaf, "localhost"), Ok(()));
         assert_eq!(verdict(&chain_only, &leaf, "127.0.0.1"), Ok(()));
         // A chain to another CA is refused by both, whatever the name.
         for name in ["localhost", "127.0.0.1"] {
-            let err = verdict(&ChainOnly(webpki(&other_ca)), &leaf, name).unwrap_err();
+            let other = Lenient { chain: Some(webpki(&other_ca)), provider: provider.clone() };
+            let err = verdict(&other, &leaf, name).unwrap_err();
             assert!(err.contains("UnknownIssuer"), "{err}");
             assert!(verdict(webpki(&other_ca).as_ref(), &leaf, name).is_err());
         }
         // require without a CA authenticates nobody: that is why the node warns about it.
-        assert_eq!(verdict(&EncryptOnly(provider.clone()), &leaf, "127.0.0.1"), Ok(()));
+        assert_eq!(verdict(&Lenient { chain: None, provider }, &leaf, "127.0.0.1"), Ok(()));
     }
 
     #[test]
