@@ -187,9 +187,16 @@ async fn start(
     });
     let mut addrs = Vec::with_capacity(urls.len());
     for (index, url) in urls.iter().enumerate() {
-        let pg: tokio_postgres::Config = url.parse().with_context(|| format!("shard {index}: bad PostgreSQL URL"))?;
+        let shard = crate::shard_tls::ShardUrl::parse(url, config.shard_ca_file.as_deref())
+            .with_context(|| format!("shard {index}: bad PostgreSQL URL"))?;
+        let tls = crate::shard_tls::connector(&shard.tls).with_context(|| format!("shard {index}"))?;
+        if shard.tls.mode == crate::shard_tls::TlsMode::Require {
+            warn!("shard connection is encrypted but the server is not authenticated: anyone on the path \
+                   could pose as it; give its CA (sslrootcert= or --shard-ca-file) to verify it";
+                  "shard" => index, "endpoint" => &shard.endpoint);
+        }
         let (env, pool) = (env.clone(), config.pool_size);
-        addrs.push(Supervisor::start(move |_| ShardActor::new(index, pg, pool, env)));
+        addrs.push(Supervisor::start(move |_| ShardActor::new(index, shard.pg, tls, pool, env)));
     }
     let shards = Shards::new(addrs, keys.clone());
     let hub = hub_ctx.run(EventHub::new(sequencer.peek(), shards.clone()));

@@ -58,9 +58,17 @@ pub struct NodeArgs {
     pub shards: Option<usize>,
 
     /// PostgreSQL URL of a shard, once per shard in order; when given, the node runs no
-    /// PostgreSQL of its own and the shard count is the number of URLs
+    /// PostgreSQL of its own and the shard count is the number of URLs. TCP hosts are
+    /// reached over TLS only: no sslmode means verify-full (needs a CA file), verify-ca
+    /// checks the chain only, require encrypts without authenticating the server (it is
+    /// verify-ca when a CA file is set), disable is refused; Unix sockets use no TLS
     #[arg(long = "shard-url", env = "COSMICSYNC_SHARD_URLS", value_delimiter = ',', value_name = "URL")]
     pub shard_urls: Vec<String>,
+
+    /// CA certificates (PEM) that shard servers' certificates must chain to, for shard URLs
+    /// without their own sslrootcert=
+    #[arg(long, env = "COSMICSYNC_SHARD_CA_FILE", value_name = "FILE")]
+    pub shard_ca_file: Option<PathBuf>,
 
     /// Connections per shard pool [default: 16]
     #[arg(long, env = "COSMICSYNC_POOL_SIZE", value_name = "N")]
@@ -127,6 +135,7 @@ pub struct FileConfig {
     pub http_addr: Option<SocketAddr>,
     pub shards: Option<usize>,
     pub shard_urls: Option<Vec<String>>,
+    pub shard_ca_file: Option<PathBuf>,
     pub pool_size: Option<usize>,
     pub pg_bin_dir: Option<PathBuf>,
     pub pg_max_connections: Option<u32>,
@@ -169,6 +178,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
     pub storage: Storage,
+    /// CA file for shard URLs without their own `sslrootcert` (see `shard_tls`).
+    pub shard_ca_file: Option<PathBuf>,
     pub pool_size: usize,
     pub bcrypt_cost: u32,
     pub token_ttl_secs: u64,
@@ -260,6 +271,7 @@ impl NodeConfig {
             if args.shard_urls.is_empty() { file.shard_urls.unwrap_or_default() } else { args.shard_urls.clone() };
         let urls: Vec<String> = urls.into_iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
         let shards = args.shards.or(file.shards);
+        let shard_ca_file = args.shard_ca_file.clone().or(file.shard_ca_file);
         let storage = if urls.is_empty() {
             let shards = shards.unwrap_or(defaults::SHARDS);
             if !(1..=64).contains(&shards) {
@@ -272,9 +284,9 @@ impl NodeConfig {
             if let Some(n) = shards.filter(|n| *n != urls.len()) {
                 return Err(invalid("shards", format!("{n} shards asked for but {} shard URLs given", urls.len())));
             }
-            for url in &urls {
-                url.parse::<tokio_postgres::Config>()
-                    .map_err(|e| invalid("shard-url", format!("cannot parse a shard URL: {e}")))?;
+            for (index, url) in urls.iter().enumerate() {
+                crate::shard_tls::ShardUrl::parse(url, shard_ca_file.as_deref())
+                    .map_err(|e| invalid("shard-url", format!("shard {index}: {e}")))?;
             }
             if urls.len() > 64 {
                 return Err(invalid("shard-url", "at most 64 shards"));
@@ -347,6 +359,7 @@ impl NodeConfig {
             data_dir,
             http_addr,
             storage,
+            shard_ca_file,
             pool_size,
             bcrypt_cost,
             token_ttl_secs,
@@ -397,13 +410,33 @@ mod tests {
     #[test]
     fn shard_urls_set_the_count() {
         let args = NodeArgs {
-            shard_urls: vec!["host=/tmp dbname=a".into(), "postgresql://u@localhost/b".into()],
+            shard_urls: vec!["host=/tmp dbname=a".into(), "postgresql://u@localhost/b?sslmode=require".into()],
             ..Default::default()
         };
         let c = NodeConfig::merge(&GlobalOptions::default(), &args, FileConfig::default()).unwrap();
         assert!(matches!(c.storage, Storage::Urls(ref u) if u.len() == 2));
         let bad = NodeArgs { shards: Some(3), ..args };
         assert!(NodeConfig::merge(&GlobalOptions::default(), &bad, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn shard_urls_follow_the_tls_policy_with_the_ca_file_from_flag_or_file() {
+        let tcp = |query: &str| NodeArgs {
+            shard_urls: vec![format!("postgresql://u:pw-secret@db.internal/s0{query}")],
+            ..Default::default()
+        };
+        let merge = |args: &NodeArgs, toml: &str| NodeConfig::merge(&GlobalOptions::default(), args, file(toml));
+        let err = merge(&tcp("?sslmode=disable"), "").unwrap_err().to_string();
+        assert!(err.contains("shard-url") && err.contains("shard 0") && err.contains("sslmode=disable"), "{err}");
+        assert!(!err.contains("pw-secret"), "{err}");
+        // verify-full (the default) needs a CA file: the flag wins over the file.
+        let err = merge(&tcp(""), "").unwrap_err().to_string();
+        assert!(err.contains("--shard-ca-file"), "{err}");
+        let c = merge(&tcp(""), "shard_ca_file = \"/file-ca.pem\"").unwrap();
+        assert_eq!(c.shard_ca_file.as_deref(), Some(Path::new("/file-ca.pem")));
+        let flag = NodeArgs { shard_ca_file: Some("/flag-ca.pem".into()), ..tcp("") };
+        let c = merge(&flag, "shard_ca_file = \"/file-ca.pem\"").unwrap();
+        assert_eq!(c.shard_ca_file.as_deref(), Some(Path::new("/flag-ca.pem")));
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!   (not even a stale `postmaster.pid`: guessing wrong lets two servers share one cluster);
 //! - stop a server implicitly (no `Drop`): the node stops it on shutdown, tests call
 //!   [`EmbeddedPostgres::stop`]; a node that crashes leaves it running for the next boot;
-//! - open a TCP listener (`listen_addresses=''`), or loosen the socket's 0700 mode;
+//! - open a TCP listener (`listen_addresses=''`) unless the caller asks for one through
+//!   `extra_settings` (tests do, to serve shards over TLS), or loosen the socket's 0700 mode;
 //! - change permissions above the node's data directory: when running as root it adds
 //!   `o+x` to the cluster directory's direct parent only, and reports anything higher.
 
@@ -55,14 +56,17 @@ pub struct EmbeddedOptions {
     pub bin_dir: Option<PathBuf>,
     /// Also used for `max_prepared_transactions`, so every connection can hold a prepared transaction.
     pub max_connections: u32,
-    /// Only names the socket file `.s.PGSQL.<port>`: the server never listens on TCP.
+    /// Names the socket file `.s.PGSQL.<port>` (and the TCP port, if `extra_settings` opens one).
     pub port: u16,
+    /// Server settings passed as `-c name=value` after the defaults, so they win (e.g.
+    /// `listen_addresses`, `ssl`). Empty for a node; tests use it for a TCP server with TLS.
+    pub extra_settings: Vec<(String, String)>,
 }
 
 impl EmbeddedOptions {
     /// Options with the defaults a node uses: 200 connections, socket `.s.PGSQL.5432`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), bin_dir: None, max_connections: 200, port: 5432 }
+        Self { dir: dir.into(), bin_dir: None, max_connections: 200, port: 5432, extra_settings: Vec::new() }
     }
 }
 
@@ -180,6 +184,8 @@ pub struct EmbeddedPostgres {
     bin_dir: PathBuf,
     port: u16,
     max_connections: u32,
+    /// Appended to the server's options (see [`EmbeddedOptions::extra_settings`]).
+    extra_settings: Vec<(String, String)>,
     /// `Some` when we are root and must drop to the `postgres` account.
     run_as: Option<PgUser>,
     reused: bool,
@@ -257,6 +263,7 @@ impl EmbeddedPostgres {
             bin_dir,
             port: opts.port,
             max_connections: opts.max_connections,
+            extra_settings: opts.extra_settings.clone(),
             run_as,
             reused: false,
         };
@@ -447,14 +454,19 @@ impl EmbeddedPostgres {
     }
 
     fn server_options(&self) -> String {
-        // pg_ctl hands -o to /bin/sh, so the socket directory is shell-quoted.
-        format!(
+        // pg_ctl hands -o to /bin/sh, so the socket directory and settings are shell-quoted.
+        let mut options = format!(
             "-k {} -p {} -c listen_addresses='' -c max_connections={n} \
              -c max_prepared_transactions={n} -c unix_socket_permissions=0700",
             shell_quote(&self.dir.to_string_lossy()),
             self.port,
             n = self.max_connections
-        )
+        );
+        // Later -c options win, so these override the defaults above.
+        for (name, value) in &self.extra_settings {
+            options.push_str(&format!(" -c {}", shell_quote(&format!("{name}={value}"))));
+        }
+        options
     }
 
     /// The state of the process `postmaster.pid` names, if the file and /proc tell us.
@@ -990,6 +1002,7 @@ mod tests {
             bin_dir: PathBuf::from("/nonexistent"),
             port,
             max_connections: 10,
+            extra_settings: Vec::new(),
             run_as: None,
             reused: false,
         }
@@ -1062,6 +1075,11 @@ mod tests {
         let opts = pg.server_options();
         assert!(opts.starts_with(r"-k '/tmp/it'\''s here' -p 6000 "), "{opts}");
         assert!(opts.contains("max_prepared_transactions=10"), "{opts}");
+        let mut pg = pg;
+        pg.extra_settings =
+            vec![("listen_addresses".into(), "127.0.0.1".into()), ("ssl_cert_file".into(), "/a b".into())];
+        let opts = pg.server_options();
+        assert!(opts.ends_with(" -c 'listen_addresses=127.0.0.1' -c 'ssl_cert_file=/a b'"), "{opts}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod problem;
 pub mod sealing;
 pub mod secrets;
 pub mod sequencer;
+pub mod shard_tls;
 pub mod tls;
 pub mod validate;
 pub mod vclock;

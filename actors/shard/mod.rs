@@ -66,6 +66,8 @@ pub struct ShardHealth {
 pub struct ShardActor {
     index: usize,
     pg: tokio_postgres::Config,
+    /// Used only when `pg` asks for TLS (TCP hosts; see `shard_tls`).
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     pool_size: usize,
     env: Arc<ShardEnv>,
     pool: Option<Pool>,
@@ -78,8 +80,14 @@ pub struct ShardActor {
 }
 
 impl ShardActor {
-    /// A shard actor for shard `index` of database `pg`.
-    pub fn new(index: usize, mut pg: tokio_postgres::Config, pool_size: usize, env: Arc<ShardEnv>) -> Self {
+    /// A shard actor for shard `index` of database `pg`, reached through `tls`.
+    pub fn new(
+        index: usize,
+        mut pg: tokio_postgres::Config,
+        tls: tokio_postgres_rustls::MakeRustlsConnect,
+        pool_size: usize,
+        env: Arc<ShardEnv>,
+    ) -> Self {
         pg.connect_timeout(HEALTH_TIMEOUT);
         pg.application_name("cosmicsync");
         // A write gives up on a row lock after a few seconds instead of queueing behind a
@@ -90,6 +98,7 @@ impl ShardActor {
         Self {
             index,
             pg,
+            tls,
             pool_size,
             env,
             pool: None,
@@ -135,16 +144,13 @@ impl ShardActor {
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let pg = self.pg.clone();
+        let tls = self.tls.clone();
         let size = self.pool_size;
         let index = self.index;
         let sequencer = self.env.sequencer.clone();
         let keys = self.env.keys.get();
         let attempt = async move {
-            let manager = Manager::from_config(
-                pg,
-                tokio_postgres::NoTls,
-                ManagerConfig { recycling_method: RecyclingMethod::Fast },
-            );
+            let manager = Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
             let pool = Pool::builder(manager)
                 .max_size(size)
                 .runtime(Runtime::Tokio1)
@@ -153,7 +159,7 @@ impl ShardActor {
                 .recycle_timeout(Some(HEALTH_TIMEOUT))
                 .build()
                 .map_err(|e| e.to_string())?;
-            let mut client = pool.get().await.map_err(|e| e.to_string())?;
+            let mut client = pool.get().await.map_err(|e| crate::shard_tls::describe_connect_error(&e))?;
             let applied = migrate::apply(&mut client).await.map_err(|e| format!("migrations failed: {e}"))?;
             if applied > 0 {
                 info!("schema migrated"; "shard" => index, "migrations" => applied);

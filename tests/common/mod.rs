@@ -72,14 +72,7 @@ impl Node {
 
     /// Starts a node on an existing data directory (e.g. to restart one).
     pub async fn start_in(dir: &Path, args: &[&str]) -> Node {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("test-node.log")).expect("log file");
-        let mut cmd = Command::new(binary());
-        cmd.arg("--data-dir").arg(dir).arg("start").args(FAST).args(args);
-        // Cheap bcrypt through the environment, so a test can still override it with a flag.
-        cmd.env("COSMICSYNC_BCRYPT_COST", "4");
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
-        let mut child = cmd.spawn().expect("start cosmicsync");
+        let mut child = Node::spawn(dir, args);
         let pid = u64::from(child.id());
         let info = wait_for("node.json", Duration::from_secs(120), || {
             if let Some(status) = child.try_wait().ok().flatten() {
@@ -92,6 +85,19 @@ impl Node {
         Node::from_info(dir, info, Some(child))
     }
 
+    /// Spawns `cosmicsync start` on `dir` with `FAST` plus `args`, logging into the
+    /// directory, without waiting for it (see `start_in` for that).
+    pub fn spawn(dir: &Path, args: &[&str]) -> Child {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("test-node.log")).expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("--data-dir").arg(dir).arg("start").args(FAST).args(args);
+        // Cheap bcrypt through the environment, so a test can still override it with a flag.
+        cmd.env("COSMICSYNC_BCRYPT_COST", "4");
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+        cmd.spawn().expect("start cosmicsync")
+    }
+
     /// A handle on a node this test did not spawn (e.g. `cosmicsync start --detach`),
     /// found through `<dir>/node.json`. Dropping it stops the node's PostgreSQL if it
     /// still runs, but not the node process: the caller stops that.
@@ -99,7 +105,8 @@ impl Node {
         Node::from_info(dir, read_info(dir).expect("node.json"), None)
     }
 
-    fn from_info(dir: &Path, info: Value, child: Option<Child>) -> Node {
+    /// A handle on the node described by `info` (node.json's fields), stopping `child` on drop.
+    pub fn from_info(dir: &Path, info: Value, child: Option<Child>) -> Node {
         Node {
             dir: dir.to_owned(),
             _temp: None,
