@@ -40,8 +40,7 @@
 
 pub mod reference;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BinaryHeap, HashMap};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -257,6 +256,43 @@ pub struct Model {
     stats: ModelStats,
 }
 
+/// What one rayon task reuses from user to user: the dense accumulator (one slot per
+/// document), the slots it touched, and the candidates.
+struct Scratch {
+    acc: Vec<f64>,
+    touched: Vec<u32>,
+    found: BinaryHeap<Ranked>,
+}
+
+/// A candidate in ranking order: `a < b` when `a` ranks before `b` (higher score, then
+/// lower id), so a max-heap's top is the worst candidate kept.
+#[derive(Debug, Clone, Copy)]
+struct Ranked {
+    score: f64,
+    id: Uuid,
+    user: u32,
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.score.total_cmp(&self.score).then(self.id.cmp(&other.id))
+    }
+}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Ranked {}
+
 /// How many users a rayon task handles: large enough that allocating its accumulator
 /// is cheap next to the work, small enough to balance two cores.
 const CHUNK: usize = 512;
@@ -368,25 +404,46 @@ impl Model {
     /// The top `k` neighbours of every user (best first); `progress` is called with the
     /// number of users finished since its last call.
     pub fn top_k(&self, mode: Mode, k: usize, progress: &(dyn Fn(usize) + Sync)) -> Vec<Vec<Match>> {
+        let everyone: Vec<u32> = (0..self.len() as u32).collect();
+        self.top_k_of(mode, k, &everyone, progress)
+    }
+
+    /// The top `k` neighbours of the users in `queries` (indices), in that order; an index
+    /// out of range gets no neighbours.
+    pub fn top_k_of(
+        &self,
+        mode: Mode,
+        k: usize,
+        queries: &[u32],
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Vec<Vec<Match>> {
         let space = self.space(mode);
-        let n = self.len();
-        let chunks: Vec<std::ops::Range<usize>> = (0..n).step_by(CHUNK).map(|s| s..(s + CHUNK).min(n)).collect();
-        let parts: Vec<Vec<Vec<Match>>> = chunks
-            .into_par_iter()
-            .map(|range| {
-                let mut acc = vec![0.0f64; space.docs().rows()];
-                let mut touched: Vec<u32> = Vec::new();
-                let part: Vec<Vec<Match>> =
-                    range.clone().map(|u| self.neighbours(space, u, k, &mut acc, &mut touched)).collect();
-                progress(range.len());
+        let parts: Vec<Vec<Vec<Match>>> = queries
+            .par_chunks(CHUNK)
+            .map(|chunk| {
+                let mut scratch =
+                    Scratch { acc: vec![0.0; space.docs().rows()], touched: Vec::new(), found: BinaryHeap::new() };
+                let part: Vec<Vec<Match>> = chunk
+                    .iter()
+                    .map(|&u| {
+                        if (u as usize) < self.len() {
+                            self.neighbours(space, u as usize, k, &mut scratch)
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect();
+                progress(chunk.len());
                 part
             })
             .collect();
         parts.into_iter().flatten().collect()
     }
 
-    /// One user's top k: accumulate over the postings of their features, then select.
-    fn neighbours(&self, space: &Space, u: usize, k: usize, acc: &mut [f64], touched: &mut Vec<u32>) -> Vec<Match> {
+    /// One user's top k: accumulate over the postings of their features, then select
+    /// from the touched candidates (in `scratch`, reused across users).
+    fn neighbours(&self, space: &Space, u: usize, k: usize, scratch: &mut Scratch) -> Vec<Match> {
+        let Scratch { acc, touched, found } = scratch;
         for (c, q) in space.queries.row(u) {
             for (v, w) in space.postings.row(c as usize) {
                 let slot = &mut acc[v as usize];
@@ -397,21 +454,37 @@ impl Model {
                 *slot += q * w;
             }
         }
-        let mut found: Vec<Match> = touched
-            .drain(..)
-            .filter_map(|v| {
-                let score = std::mem::take(&mut acc[v as usize]);
-                (v as usize != u).then_some(Match { user: v, score })
-            })
-            .collect();
-        select_top(&mut found, k, |m| (m.score, self.ids[m.user as usize]));
-        found
+        // Keep the best k in a heap whose top is the worst kept: most candidates lose to
+        // it on the score alone.
+        found.clear();
+        for v in touched.drain(..) {
+            let score = std::mem::take(&mut acc[v as usize]);
+            if v as usize == u || k == 0 {
+                continue;
+            }
+            let candidate = Ranked { score, id: self.ids[v as usize], user: v };
+            if found.len() < k {
+                found.push(candidate);
+            } else if found.peek().is_some_and(|worst| candidate < *worst) {
+                found.pop();
+                found.push(candidate);
+            }
+        }
+        let mut top = Vec::with_capacity(found.len());
+        while let Some(worst) = found.pop() {
+            top.push(Match { user: worst.user, score: worst.score });
+        }
+        top.reverse();
+        top
     }
 
     /// The features that made `u` and `v` a match in `mode`, largest contribution first
     /// (then by kind and label).
     pub fn shared(&self, mode: Mode, u: u32, v: u32) -> Vec<SharedFeature> {
         let space = self.space(mode);
+        if u as usize >= self.len() || v as usize >= self.len() {
+            return Vec::new();
+        }
         let (a, b) = (space.queries.row(u as usize), space.docs().row(v as usize));
         let mut both: Vec<(f64, u32)> = merge_join(a, b).map(|(c, x, y)| (x * y, c)).collect();
         both.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
@@ -425,23 +498,6 @@ impl Model {
             })
             .collect()
     }
-}
-
-/// Keeps the `k` best of `found`, best first: higher score, then lower id.
-pub(crate) fn select_top<T>(found: &mut Vec<T>, k: usize, key: impl Fn(&T) -> (f64, Uuid)) {
-    let order = |a: &T, b: &T| {
-        let (ka, kb) = (key(a), key(b));
-        kb.0.total_cmp(&ka.0).then(ka.1.cmp(&kb.1))
-    };
-    if k == 0 {
-        found.clear();
-        return;
-    }
-    if found.len() > k {
-        found.select_nth_unstable_by(k - 1, order);
-        found.truncate(k);
-    }
-    found.sort_unstable_by(order);
 }
 
 /// The columns two sorted sparse rows share, with both weights.
@@ -468,22 +524,6 @@ fn merge_join(
             }
         }
     })
-}
-
-/// Counts finished users across threads, for a progress display.
-#[derive(Debug, Default)]
-pub struct Progress(AtomicUsize);
-
-impl Progress {
-    /// Adds `n` finished users.
-    pub fn add(&self, n: usize) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Users finished so far.
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
 }
 
 #[cfg(test)]

@@ -8,9 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use uuid::Uuid;
-
-use super::{FeatureKind, Mode, Params, SharedFeature, UserFeatures, idf, normalise_label, select_top};
+use super::{FeatureKind, Mode, Params, SharedFeature, UserFeatures, idf, normalise_label};
 
 /// One neighbour as the reference sees it: index into the users, score, shared features.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +108,8 @@ fn rank<K: Ord>(
         both.sort_by(|a, b| b.0.total_cmp(&a.0));
         found.push(Neighbour { user: v, score, shared: both.into_iter().map(|(_, key)| shared(key)).collect() });
     }
-    let id = |n: &Neighbour| -> (f64, Uuid) { (n.score, users[n.user].id) };
-    select_top(&mut found, k, id);
+    // Higher score first, equal scores by ascending id.
+    found.sort_by(|a, b| b.score.total_cmp(&a.score).then(users[a.user].id.cmp(&users[b.user].id)));
+    found.truncate(k);
     found
 }
