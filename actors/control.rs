@@ -18,6 +18,7 @@ use slog_scope::{debug, error, info, warn};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::actors::recommend::{GetRecommendStatus, RecommendActor, StartRun};
 use crate::actors::shard::{GetProfile, GetProject, GetUser};
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::{GetStatus, NodeSupervisor, Shutdown};
@@ -44,7 +45,13 @@ pub struct ControlActor {
 impl ControlActor {
     /// Serves `listener` (bound by `crate::control::bind`) once started.
     pub fn new(listener: StdUnixListener, supervisor: Addr<NodeSupervisor>, shards: Shards) -> Self {
-        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards } }
+        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, recommender: None } }
+    }
+
+    /// Lets the CLI start recommendation runs and follow them.
+    pub fn with_recommender(mut self, recommender: Addr<RecommendActor>) -> Self {
+        self.handler.recommender = Some(recommender);
+        self
     }
 }
 
@@ -132,6 +139,7 @@ async fn read_line(read: tokio::net::unix::OwnedReadHalf) -> std::io::Result<Opt
 struct RequestHandler {
     supervisor: Addr<NodeSupervisor>,
     shards: Shards,
+    recommender: Option<Addr<RecommendActor>>,
 }
 
 impl RequestHandler {
@@ -158,7 +166,16 @@ impl RequestHandler {
             Request::ListProjects { creator, limit, cursor } => {
                 json(crate::api::projects::list_page(&self.shards, creator, cursor, limit).await?)
             }
+            Request::RecommendRun => {
+                let generation = self.recommender()?.send(StartRun).await?;
+                Ok(serde_json::json!({ "generation": generation }))
+            }
+            Request::RecommendStatus => json(self.recommender()?.send(GetRecommendStatus).await?),
         }
+    }
+
+    fn recommender(&self) -> Result<&Addr<RecommendActor>, ApiError> {
+        self.recommender.as_ref().ok_or_else(|| ApiError::Unavailable("recommendations are not running".into()))
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod node;
 mod query;
+mod recommend;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,8 +34,9 @@ const AFTER_HELP: &str = "\
 Commands other than `start` find the node through <data-dir> (its control socket and
 node.json), so give them the same --data-dir or COSMICSYNC_DATA_DIR as the node.
 
-Exit status: 0 success; 1 failure, or `stop` found no node; 2 usage error, or `stop`
-timed out; 3 no node is running (`status` and the queries).";
+Exit status: 0 success; 1 failure, or `stop` found no node, or a recommendation run
+failed; 2 usage error, or `stop` timed out; 3 no node is running (`status`, the queries,
+`recommend run`).";
 
 /// CosmicSyncCore: a peer-to-peer data-sync node for collaboration platforms.
 #[derive(Debug, Parser)]
@@ -112,6 +114,27 @@ pub enum Command {
     /// Inspect the node's network
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Run the recommendation batch on the node
+    #[command(subcommand)]
+    Recommend(RecommendCommand),
+}
+
+/// `recommend`.
+#[derive(Debug, Subcommand)]
+pub enum RecommendCommand {
+    /// Compute every user's recommendations now (or follow the run going on) and wait for the end
+    #[command(after_help = "Shows a progress bar when stdout is a terminal (not with --json).\n\
+                      Exit status: 0 the run finished and its results are served; 1 it failed (the previous \
+                      results stay in place); 3 no node is running.")]
+    Run(RecommendRunArgs),
+}
+
+/// `recommend run`.
+#[derive(Debug, Args)]
+pub struct RecommendRunArgs {
+    /// Print the finished run as JSON, and show no progress bar
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `start`.
@@ -228,6 +251,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Network(NetworkCommand::Status) => {
             query::print(&data_dir, cosmicsync::control::Request::NetworkStatus)
         }
+        Command::Recommend(RecommendCommand::Run(RecommendRunArgs { json })) => recommend::run(&data_dir, json),
     }
 }
 

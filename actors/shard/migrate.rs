@@ -8,7 +8,10 @@
 use deadpool_postgres::Client;
 
 /// Every migration, in order: (version, SQL).
-pub const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("../../schema/0001_init.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../schema/0001_init.sql")),
+    ("0003_recommendations", include_str!("../../schema/0003_recommendations.sql")),
+];
 
 /// An arbitrary constant naming the migration lock.
 const LOCK_KEY: i64 = 0x636f_736d_6963;
