@@ -90,6 +90,8 @@ impl GlobalArgs {
 }
 
 /// The commands.
+// Parsed once per process: the size of the `start` variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node on the data directory (in the foreground unless --detach)

@@ -35,6 +35,11 @@ ROOT=$(cd "$BENCH_DIR/../.." && pwd)
 # shellcheck source=tests/bench/lib.sh
 source "$BENCH_DIR/lib.sh"
 
+# `run.sh reco` runs only the recommendation batch benchmark (tests/bench/reco.sh).
+if [[ ${1:-} == reco ]]; then
+    exec bash "$BENCH_DIR/reco.sh"
+fi
+
 DURATION=${BENCH_DURATION:-20}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 THREADS=${BENCH_THREADS:-2}
@@ -355,6 +360,9 @@ node idle RSS            $RSS_IDLE_MIB MiB   (target < $TARGET_RSS_MIB MiB: $RSS
 CPU in cores (node, PostgreSQL, load generator, other):
   GET user ${R[get.node]} ${R[get.pg]} ${R[get.client]} ${R[get.other]}; POST project ${R[post.node]} ${R[post.pg]} ${R[post.client]} ${R[post.other]}; healthz ${R[healthz.node]} ${R[healthz.pg]} ${R[healthz.client]} ${R[healthz.other]}; pgbench ${R[pgbench.node]} ${R[pgbench.pg]} ${R[pgbench.client]} ${R[pgbench.other]}
 EOF
+
+# The recommendation batch benchmark (no node needed; its own section of the document).
+bash "$BENCH_DIR/reco.sh"
 
 [[ -n $DOC ]] || exit 0
 SECTION=$WORK/section.md
