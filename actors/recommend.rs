@@ -32,6 +32,10 @@ use crate::similarity::{Mode, Model, Params, SharedFeature, UserFeatures};
 /// Users whose rows go to a shard in one transaction.
 const WRITE_BATCH_USERS: usize = 250;
 
+/// How often, and how long apart, the last run is asked of shards that are still starting.
+const LOAD_ATTEMPTS: u32 = 60;
+const LOAD_RETRY: Duration = Duration::from_secs(1);
+
 /// A user as the batch reads them from their shard.
 #[derive(Debug, Clone)]
 pub struct RecoInput {
@@ -203,14 +207,23 @@ impl Actor for RecommendActor {
                 act.start_run(ctx);
             });
         }
-        // What the shards serve survives restarts: learn the last run from them.
+        self.load_last_run(ctx, LOAD_ATTEMPTS);
+    }
+}
+
+impl RecommendActor {
+    /// What the shards serve survives restarts: learn the last run from them, retrying
+    /// while shards are still connecting.
+    fn load_last_run(&mut self, ctx: &mut Context<Self>, attempts: u32) {
         let shards = self.shards.clone();
-        let load = async move {
-            let states = join_all((0..shards.len()).map(|s| shards.ask(s, RecoState {}))).await;
-            states.into_iter().filter_map(|s| s.ok().flatten()).max_by_key(|r| r.generation)
-        };
-        ctx.spawn(load.into_actor(self).map(|record, act, _| {
-            if let (None, Some(r)) = (&act.last_run, record) {
+        let load = async move { shards.each(|_| RecoState {}).await };
+        ctx.spawn(load.into_actor(self).map(move |states, act, ctx| {
+            if states.iter().any(Result::is_err) && attempts > 1 {
+                ctx.run_later(LOAD_RETRY, move |act, ctx| act.load_last_run(ctx, attempts - 1));
+                return;
+            }
+            let served = states.into_iter().filter_map(|s| s.ok().flatten()).max_by_key(|r| r.generation);
+            if let (None, Some(r)) = (&act.last_run, served) {
                 act.last_run = Some(LastRun {
                     generation: r.generation,
                     finished_at: r.computed_at,
@@ -252,18 +265,13 @@ async fn run_batch(
     let started = Instant::now();
     let generation = lock(&progress).generation;
 
-    // 1. Read.
-    let reads = join_all((0..shards.len()).map(|s| {
-        let shards = shards.clone();
-        async move {
-            shards.ask(s, RecoDiscardStale {}).await.map_err(|e| shard_error(s, "cannot clear old rows", e))?;
-            shards.ask(s, RecoFeatures {}).await.map_err(|e| shard_error(s, "cannot read features", e))
-        }
-    }))
-    .await;
+    // 1. Read (after dropping what an earlier failed run left).
+    for (s, r) in shards.each(|_| RecoDiscardStale {}).await.into_iter().enumerate() {
+        r.map_err(|e| shard_error(s, "cannot clear old rows", e))?;
+    }
     let mut people = Vec::new();
-    for read in reads {
-        people.extend(read?);
+    for (s, read) in shards.each(|_| RecoFeatures {}).await.into_iter().enumerate() {
+        people.extend(read.map_err(|e| shard_error(s, "cannot read features", e))?);
     }
     // Sorted by id: the same input gives the same model, whatever order shards answer in.
     people.sort_by_key(|p| p.user_id);
@@ -328,7 +336,7 @@ async fn run_batch(
         duration_ms: duration_ms as i64,
         k: k as i32,
     };
-    let flips = join_all((0..shards.len()).map(|s| shards.ask(s, RecoActivate { run: record.clone() }))).await;
+    let flips = shards.each(|_| RecoActivate { run: record.clone() }).await;
     let failed: Vec<String> = flips
         .into_iter()
         .enumerate()

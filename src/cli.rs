@@ -302,6 +302,13 @@ mod tests {
     }
 
     #[test]
+    fn recommend_run_parses() {
+        let cli = parse(&["recommend", "run", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Recommend(RecommendCommand::Run(RecommendRunArgs { json: true }))));
+        assert_eq!(parse(&["recommend"]).err().map(|e| e.exit_code()), Some(2));
+    }
+
+    #[test]
     fn ids_parse() {
         let id = Uuid::now_v7();
         let cli = parse(&["projects", "get", &id.to_string()]).unwrap();

@@ -176,6 +176,24 @@ async fn recommendations_follow_the_model() {
     let report: Value = res.json().await.unwrap();
     assert_eq!(report["recommendations"]["last_run"]["generation"], finished["generation"], "{report}");
     assert_eq!(report["recommendations"]["k"], 3);
+
+    // After a restart (tokens stay valid: same key) the results are still served, and the
+    // status still knows the run.
+    let mut node = node;
+    let temp = node.take_temp();
+    let dir = node.dir.clone();
+    node.stop();
+    drop(node);
+    let node = Node::start_in(&dir, &["--recommend-interval", "off", "--recommend-k", "3"]).await;
+    assert_eq!(recommendations(&node, &ada, "mode=similar").await.1, similar);
+    wait_for("the restarted node to report the last run", Duration::from_secs(60), || async {
+        let status = cli(&node.dir, &["status", "--json"]).await;
+        let report: Value = serde_json::from_str(&status.stdout).ok()?;
+        (report["recommendations"]["last_run"]["generation"] == finished["generation"]).then_some(())
+    })
+    .await;
+    drop(node);
+    drop(temp);
 }
 
 #[tokio::test]

@@ -11,7 +11,6 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::Authenticated;
-use crate::actors::shard::RecoForUser;
 use crate::problem::{ApiError, Problem};
 use crate::similarity::{Mode, SharedFeature};
 
@@ -91,7 +90,7 @@ pub async fn users(
 ) -> Result<HttpResponse, ApiError> {
     let (mode, limit) = parse(&query, state.recommend_k)?;
     let user_id = caller.0.user_id;
-    let found = state.shards.ask_for(&user_id, RecoForUser { user_id, mode, limit: limit as i64 }).await?;
+    let found = state.shards.recommendations_for(user_id, mode, limit).await?;
     let answer = match found {
         None => Recommendations {
             mode,
