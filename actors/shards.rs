@@ -302,28 +302,6 @@ impl Shards {
     }
 }
 
-/// `cs:<txid>:<coordinator shard>:<participant shard>` → (txid, coordinator).
-fn parse_gid(gid: &str) -> Option<(Uuid, usize)> {
-    let mut parts = gid.split(':');
-    (parts.next()? == "cs").then_some(())?;
-    let txid = Uuid::parse_str(parts.next()?).ok()?;
-    let home = parts.next()?.parse().ok()?;
-    Some((txid, home))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gids_round_trip() {
-        let txid = Uuid::now_v7();
-        assert_eq!(parse_gid(&format!("cs:{txid}:3:1")), Some((txid, 3)));
-        assert_eq!(parse_gid("cs:not-a-uuid:1:2"), None);
-        assert_eq!(parse_gid("other:1"), None);
-    }
-}
-
 // ----- recommendations -----------------------------------------------------------------
 
 impl Shards {
@@ -346,5 +324,27 @@ impl Shards {
     ) -> Result<Option<(crate::actors::recommend::RunRecord, Vec<crate::actors::recommend::RecoRow>)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.ask_for(&user_id, crate::actors::shard::RecoForUser { user_id, mode, limit }).await
+    }
+}
+
+/// `cs:<txid>:<coordinator shard>:<participant shard>` → (txid, coordinator).
+fn parse_gid(gid: &str) -> Option<(Uuid, usize)> {
+    let mut parts = gid.split(':');
+    (parts.next()? == "cs").then_some(())?;
+    let txid = Uuid::parse_str(parts.next()?).ok()?;
+    let home = parts.next()?.parse().ok()?;
+    Some((txid, home))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids_round_trip() {
+        let txid = Uuid::now_v7();
+        assert_eq!(parse_gid(&format!("cs:{txid}:3:1")), Some((txid, 3)));
+        assert_eq!(parse_gid("cs:not-a-uuid:1:2"), None);
+        assert_eq!(parse_gid("other:1"), None);
     }
 }

@@ -185,7 +185,7 @@ async fn recommendations_follow_the_model() {
     node.stop();
     drop(node);
     let node = Node::start_in(&dir, &["--recommend-interval", "off", "--recommend-k", "3"]).await;
-    assert_eq!(recommendations(&node, &ada, "mode=similar").await.1, similar);
+    assert_eq!(recommendations(&node, ada, "mode=similar").await.1, similar);
     wait_for("the restarted node to report the last run", Duration::from_secs(60), || async {
         let status = cli(&node.dir, &["status", "--json"]).await;
         let report: Value = serde_json::from_str(&status.stdout).ok()?;

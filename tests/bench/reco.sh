@@ -39,16 +39,10 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
 pct() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", 100 * a / b }'; }
 met() { awk "BEGIN { exit !($1) }" && echo met || echo "**not met**"; }
 PEAK_MIB=$(mib "${R[peak_kib]}")
+DROPPED_PCT=$(pct "$((R[holdings] - R[kept_holdings]))" "${R[holdings]}")
 TIME_MET=$(met "${R[batch_s]} < $TARGET_SECS")
 MEM_MET=$(met "$PEAK_MIB < $TARGET_MIB")
-CPU_MODEL=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-MEM_GIB=$(awk '/^MemTotal:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
-RUSTC=$(rustc --version 2>/dev/null || echo unknown)
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ $COMMIT != unknown && -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-    COMMIT="$COMMIT (with uncommitted changes)"
-fi
-NOW=$(date -u '+%Y-%m-%d %H:%M UTC')
+machine_facts
 
 [[ -n $DOC ]] || exit 0
 SECTION=$WORK/section.md
@@ -81,12 +75,7 @@ This section is rewritten on every run: edit outside the \`bench:reco\` markers.
 
 ### Machine
 
-| | |
-|---|---|
-| CPUs (nproc) | $(nproc) |
-| CPU model | $CPU_MODEL |
-| Memory | $MEM_GIB GiB |
-| Kernel | $(uname -r) |
+$(machine_table)
 | rustc | $RUSTC |
 | cosmicsync commit | $COMMIT |
 | Date | $NOW |
@@ -100,7 +89,7 @@ This section is rewritten on every run: edit outside the \`bench:reco\` markers.
 | of which building the model | ${R[build_s]} s |
 | Peak RSS of the process | $PEAK_MIB MiB (input alone $(mib "${R[input_kib]}") MiB) |
 | Features (skills and interests apart) | ${R[features]} |
-| Dropped as common (held by more than ${R[max_df]} users = max(100, ${R[max_df_fraction]} × users)) | ${R[dropped]} features, $(pct $((R[holdings] - R[kept_holdings])) "${R[holdings]}") % of all holdings |
+| Dropped as common (held by more than ${R[max_df]} users = max(100, ${R[max_df_fraction]} × users)) | ${R[dropped]} features, $DROPPED_PCT % of all holdings |
 | Matches stored (both modes) | ${R[matches]} |
 | Users with no similar neighbour | ${R[empty]} |
 | Recall@10 vs brute-force reference of the model (similar / complementary) | ${R[recall_ref_similar]} / ${R[recall_ref_complementary]} |
