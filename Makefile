@@ -10,7 +10,7 @@ DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "
 ARGS     ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help ensure-postgres build run test bench lint fmt clean
+.PHONY: help ensure-postgres build run test bench bench-reco lint fmt clean
 
 help: ## list the targets
 	@echo 'Targets (variables: DATA_DIR=$(DATA_DIR), ARGS="extra cosmicsync start arguments"):'
@@ -38,6 +38,9 @@ test: ensure-postgres ## run all tests (cargo nextest if installed, else cargo t
 
 bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh)
 	bash tests/bench/run.sh
+
+bench-reco: ## run only the recommendation batch benchmark (tests/bench/reco.sh)
+	bash tests/bench/run.sh reco
 
 lint: ## check formatting and run clippy with warnings denied
 	$(CARGO) fmt --all -- --check

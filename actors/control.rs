@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::actors::keys::{GetKeyStatus, KeyActor, Rotate};
+use crate::actors::recommend::{GetRecommendStatus, RecommendActor, StartRun};
 use crate::actors::shard::{GetProfile, GetProject, GetUser};
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::{GetStatus, NodeSupervisor, Shutdown};
@@ -50,7 +51,13 @@ impl ControlActor {
         shards: Shards,
         keys: Addr<KeyActor>,
     ) -> Self {
-        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys } }
+        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys, recommender: None } }
+    }
+
+    /// Lets the CLI start recommendation runs and follow them.
+    pub fn with_recommender(mut self, recommender: Addr<RecommendActor>) -> Self {
+        self.handler.recommender = Some(recommender);
+        self
     }
 }
 
@@ -139,6 +146,7 @@ struct RequestHandler {
     supervisor: Addr<NodeSupervisor>,
     shards: Shards,
     keys: Addr<KeyActor>,
+    recommender: Option<Addr<RecommendActor>>,
 }
 
 impl RequestHandler {
@@ -167,7 +175,16 @@ impl RequestHandler {
             }
             Request::KeysRotate => json(self.keys.send(Rotate).await??),
             Request::KeysStatus => json(self.keys.send(GetKeyStatus).await??),
+            Request::RecommendRun => {
+                let generation = self.recommender()?.send(StartRun).await?;
+                Ok(serde_json::json!({ "generation": generation }))
+            }
+            Request::RecommendStatus => json(self.recommender()?.send(GetRecommendStatus).await?),
         }
+    }
+
+    fn recommender(&self) -> Result<&Addr<RecommendActor>, ApiError> {
+        self.recommender.as_ref().ok_or_else(|| ApiError::Unavailable("recommendations are not running".into()))
     }
 }
 

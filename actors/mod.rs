@@ -5,6 +5,7 @@
 //! ├── ShardActor × N   one per PostgreSQL shard; the only code that runs SQL
 //! ├── AuthActor        bcrypt on a blocking pool, JWT issue/verify, revocations, login limits
 //! ├── KeyActor         the data keys: key file, rotation, re-sealing rows under old keys
+//! ├── RecommendActor batch user-user recommendations (timer and on demand)
 //! ├── EventHub         orders committed changes and fans them out to WebSocket sessions
 //! ├── HttpActor        the actix-web server (REST + WebSocket)
 //! └── ControlActor     the CLI's local channel (a Unix socket in the data directory)
@@ -18,6 +19,7 @@ pub mod control;
 pub mod event_hub;
 pub mod http;
 pub mod keys;
+pub mod recommend;
 pub mod shard;
 pub mod shards;
 pub mod supervisor;

@@ -309,6 +309,31 @@ impl Shards {
     }
 }
 
+// ----- recommendations -----------------------------------------------------------------
+
+impl Shards {
+    /// Sends `make(shard)` to every shard at once; the replies in shard order.
+    pub async fn each<M, T>(&self, make: impl Fn(usize) -> M) -> Vec<Result<T, StoreError>>
+    where
+        M: Message<Result = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+        ShardActor: Handler<M>,
+    {
+        join_all((0..self.len()).map(|s| self.ask(s, make(s)))).await
+    }
+
+    /// A user's served recommendations in one mode (at most `limit`), from their shard.
+    pub async fn recommendations_for(
+        &self,
+        user_id: Uuid,
+        mode: crate::similarity::Mode,
+        limit: usize,
+    ) -> Result<Option<(crate::actors::recommend::RunRecord, Vec<crate::actors::recommend::RecoRow>)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.ask_for(&user_id, crate::actors::shard::RecoForUser { user_id, mode, limit }).await
+    }
+}
+
 /// `cs:<txid>:<coordinator shard>:<participant shard>` → (txid, coordinator).
 fn parse_gid(gid: &str) -> Option<(Uuid, usize)> {
     let mut parts = gid.split(':');

@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use crate::actors::event_hub::{EventHub, HubStats, HubStatus};
 use crate::actors::http::{HttpActor, StopServer};
+use crate::actors::recommend::{GetRecommendStatus, RecommendActor, RecommendStatus};
 use crate::actors::shard::ShardHealth;
 use crate::actors::shards::Shards;
 
@@ -38,6 +39,9 @@ pub struct StatusReport {
     /// WebSocket sessions and the last change sequence number delivered to them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<HubStatus>,
+    /// The recommendation batch: settings, a run in progress, the last run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommendations: Option<RecommendStatus>,
 }
 
 /// Static facts about the node.
@@ -55,13 +59,14 @@ pub struct NodeSupervisor {
     shards: Shards,
     hub: Addr<EventHub>,
     http: Option<Addr<HttpActor>>,
+    recommender: Option<Addr<RecommendActor>>,
     stopping: bool,
 }
 
 impl NodeSupervisor {
     /// A supervisor over already-started children.
     pub fn new(facts: NodeFacts, shards: Shards, hub: Addr<EventHub>) -> Self {
-        Self { facts, started: Instant::now(), shards, hub, http: None, stopping: false }
+        Self { facts, started: Instant::now(), shards, hub, http: None, recommender: None, stopping: false }
     }
 }
 
@@ -93,6 +98,18 @@ impl Handler<AttachHttp> for NodeSupervisor {
     }
 }
 
+/// Hands the supervisor the recommendation actor, whose state the status reports.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachRecommender(pub Addr<RecommendActor>);
+
+impl Handler<AttachRecommender> for NodeSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: AttachRecommender, _: &mut Self::Context) {
+        self.recommender = Some(msg.0);
+    }
+}
+
 /// Asks for the node's status.
 #[derive(Message)]
 #[rtype(result = "StatusReport")]
@@ -105,9 +122,14 @@ impl Handler<GetStatus> for NodeSupervisor {
         let facts = self.facts.clone();
         let uptime_secs = self.started.elapsed().as_secs();
         let hub = self.hub.clone();
+        let recommender = self.recommender.clone();
         Box::pin(async move {
             let health: Vec<ShardHealth> = shards.health().await;
             let events = hub.send(HubStats).await.ok();
+            let recommendations = match recommender {
+                Some(r) => r.send(GetRecommendStatus).await.ok(),
+                None => None,
+            };
             let ready = health.iter().all(|h| h.state == crate::actors::shard::ShardState::Up);
             StatusReport {
                 node_id: facts.node_id,
@@ -119,6 +141,7 @@ impl Handler<GetStatus> for NodeSupervisor {
                 ready,
                 shards: health,
                 events,
+                recommendations,
             }
         })
     }

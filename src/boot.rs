@@ -4,7 +4,8 @@
 //!    control socket (a second node on the same directory fails here);
 //! 2. start the node's own PostgreSQL (embedded mode) and create the shard databases;
 //! 3. inside the actix System: EventHub, one supervised ShardActor per shard, AuthActor,
-//!    NodeSupervisor, the HTTPS server in its HttpActor, ControlActor, signal handlers;
+//!    NodeSupervisor, RecommendActor, the HTTPS server in its HttpActor, ControlActor,
+//!    signal handlers;
 //! 4. once every shard is up (or a deadline passes), write `<data-dir>/node.json`;
 //! 5. after the System stops: stop PostgreSQL, remove node.json and the socket.
 //!
@@ -25,9 +26,10 @@ use crate::actors::control::ControlActor;
 use crate::actors::event_hub::EventHub;
 use crate::actors::http::HttpActor;
 use crate::actors::keys::KeyActor;
+use crate::actors::recommend::{RecommendActor, RecommendSettings};
 use crate::actors::shard::{KEY_CHECK_FAILED, ShardActor, ShardEnv, ShardState};
 use crate::actors::shards::Shards;
-use crate::actors::supervisor::{AttachHttp, NodeFacts, NodeSupervisor, Shutdown};
+use crate::actors::supervisor::{AttachHttp, AttachRecommender, NodeFacts, NodeSupervisor, Shutdown};
 use crate::api::AppState;
 use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
@@ -224,6 +226,16 @@ async fn start(
     };
     let facts = NodeFacts { node_id: node_id.clone(), api_url: api_url.clone(), storage: storage.into() };
     let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone()).start();
+    let recommend_settings = RecommendSettings {
+        interval: config.recommend_interval,
+        k: config.recommend_k,
+        params: crate::similarity::Params {
+            max_df_fraction: config.recommend_max_df,
+            ..crate::similarity::Params::default()
+        },
+    };
+    let recommender = RecommendActor::new(shards.clone(), recommend_settings).start();
+    supervisor.do_send(AttachRecommender(recommender.clone()));
     let state = AppState {
         shards: shards.clone(),
         auth,
@@ -231,6 +243,7 @@ async fn start(
         hub,
         supervisor: supervisor.clone(),
         ws_queue: config.ws_queue,
+        recommend_k: config.recommend_k,
     };
     let cors_origins = config.cors_origins.clone();
     let server = actix_web::HttpServer::new(move || {
@@ -248,7 +261,7 @@ async fn start(
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
     let key_actor = KeyActor::new(keys.clone(), config.key_file.clone(), shards.clone(), config.reseal_batch).start();
-    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor).start();
+    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor).with_recommender(recommender).start();
     watch_signals(supervisor.clone());
 
     // Ready: wait for the shards, then tell the world where we are.

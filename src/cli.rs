@@ -10,6 +10,7 @@
 mod keys;
 mod node;
 mod query;
+mod recommend;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,8 +35,9 @@ const AFTER_HELP: &str = "\
 Commands other than `start` find the node through <data-dir> (its control socket and
 node.json), so give them the same --data-dir or COSMICSYNC_DATA_DIR as the node.
 
-Exit status: 0 success; 1 failure, or `stop` found no node; 2 usage error, or `stop`
-timed out; 3 no node is running (`status` and the queries).";
+Exit status: 0 success; 1 failure, or `stop` found no node, or a recommendation run
+failed; 2 usage error, or `stop` timed out; 3 no node is running (`status`, the queries,
+`recommend run`).";
 
 /// CosmicSyncCore: a peer-to-peer data-sync node for collaboration platforms.
 #[derive(Debug, Parser)]
@@ -89,6 +91,7 @@ impl GlobalArgs {
 }
 
 /// The commands.
+// Parsed once per process: the size of the `start` variant costs nothing worth a Box.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node on the data directory (in the foreground unless --detach)
@@ -116,6 +119,9 @@ pub enum Command {
     /// Manage the data keys that seal sensitive fields at rest
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run the recommendation batch on the node
+    #[command(subcommand)]
+    Recommend(RecommendCommand),
 }
 
 /// `keys …`.
@@ -138,6 +144,24 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `recommend`.
+#[derive(Debug, Subcommand)]
+pub enum RecommendCommand {
+    /// Compute every user's recommendations now (or follow the run going on) and wait for the end
+    #[command(after_help = "Shows a progress bar when stdout is a terminal (not with --json).\n\
+                      Exit status: 0 the run finished and its results are served; 1 it failed (the previous \
+                      results stay in place); 3 no node is running.")]
+    Run(RecommendRunArgs),
+}
+
+/// `recommend run`.
+#[derive(Debug, Args)]
+pub struct RecommendRunArgs {
+    /// Print the finished run as JSON, and show no progress bar
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `start`.
@@ -258,6 +282,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Keys(KeysCommand::Rotate { no_wait }) => keys::rotate(&data_dir, no_wait),
         Command::Keys(KeysCommand::Status { json }) => keys::status(&data_dir, json),
+        Command::Recommend(RecommendCommand::Run(RecommendRunArgs { json })) => recommend::run(&data_dir, json),
     }
 }
 
@@ -301,6 +326,13 @@ mod tests {
         }
         let err = parse(&["users", "get", "not-a-uuid"]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("not a UUID"), "{err}");
+    }
+
+    #[test]
+    fn recommend_run_parses() {
+        let cli = parse(&["recommend", "run", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Recommend(RecommendCommand::Run(RecommendRunArgs { json: true }))));
+        assert_eq!(parse(&["recommend"]).err().map(|e| e.exit_code()), Some(2));
     }
 
     #[test]

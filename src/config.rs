@@ -39,6 +39,9 @@ pub mod defaults {
     pub const LOGIN_FAILURES_PER_ADDRESS: u32 = 20;
     pub const LOGIN_FAILURES_PER_USERNAME: u32 = 5;
     pub const LOG_LEVEL: &str = "info";
+    pub const RECOMMEND_INTERVAL: &str = "1h";
+    pub const RECOMMEND_K: usize = crate::similarity::defaults::K;
+    pub const RECOMMEND_MAX_DF: f64 = crate::similarity::defaults::MAX_DF_FRACTION;
 }
 
 /// Options of `cosmicsync start`. Every one may also come from a `COSMICSYNC_*`
@@ -125,6 +128,17 @@ pub struct NodeArgs {
     /// Failed logins allowed per minute for one username before 429 [default: 5]
     #[arg(long, env = "COSMICSYNC_LOGIN_FAILURES_PER_USERNAME", value_name = "N")]
     pub login_failures_per_username: Option<u32>,
+    /// Time between recommendation runs, e.g. 90s, 30m, 1h, 1d; 0 or off runs them only on demand [default: 1h]
+    #[arg(long, env = "COSMICSYNC_RECOMMEND_INTERVAL", value_name = "DURATION")]
+    pub recommend_interval: Option<String>,
+
+    /// Neighbours kept per user and mode by a recommendation run, 1-100 [default: 20]
+    #[arg(long, env = "COSMICSYNC_RECOMMEND_K", value_name = "K")]
+    pub recommend_k: Option<usize>,
+
+    /// Features held by more than this fraction of users (and more than 100 users) are ignored by recommendations, 0-1 [default: 0.02]
+    #[arg(long, env = "COSMICSYNC_RECOMMEND_MAX_DF", value_name = "FRACTION")]
+    pub recommend_max_df: Option<f64>,
 }
 
 /// What a TOML config file may set (same names as the flags).
@@ -151,6 +165,9 @@ pub struct FileConfig {
     pub login_failures_per_username: Option<u32>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
+    pub recommend_interval: Option<String>,
+    pub recommend_k: Option<usize>,
+    pub recommend_max_df: Option<f64>,
 }
 
 /// Where the shards live.
@@ -192,6 +209,10 @@ pub struct NodeConfig {
     pub login_failures_per_username: NonZeroU32,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Time between recommendation runs; `None`: on demand only.
+    pub recommend_interval: Option<std::time::Duration>,
+    pub recommend_k: usize,
+    pub recommend_max_df: f64,
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -355,6 +376,17 @@ impl NodeConfig {
         let log_level = global.log_level.clone().or(file.log_level).unwrap_or_else(|| defaults::LOG_LEVEL.into());
         crate::logging::parse_level(&log_level)
             .ok_or_else(|| invalid("log-level", "must be one of critical, error, warning, info, debug, trace"))?;
+        let interval = args.recommend_interval.clone().or(file.recommend_interval);
+        let recommend_interval = parse_interval(interval.as_deref().unwrap_or(defaults::RECOMMEND_INTERVAL))
+            .map_err(|m| invalid("recommend-interval", m))?;
+        let recommend_k = args.recommend_k.or(file.recommend_k).unwrap_or(defaults::RECOMMEND_K);
+        if !(1..=100).contains(&recommend_k) {
+            return Err(invalid("recommend-k", "must be 1-100"));
+        }
+        let recommend_max_df = args.recommend_max_df.or(file.recommend_max_df).unwrap_or(defaults::RECOMMEND_MAX_DF);
+        if !(recommend_max_df > 0.0 && recommend_max_df <= 1.0) {
+            return Err(invalid("recommend-max-df", "must be a fraction above 0 and at most 1"));
+        }
         Ok(NodeConfig {
             data_dir,
             http_addr,
@@ -372,8 +404,36 @@ impl NodeConfig {
             login_failures_per_username,
             log_format,
             log_level,
+            recommend_interval,
+            recommend_k,
+            recommend_max_df,
         })
     }
+}
+
+/// A time between runs: `<n>` seconds or `<n>s|m|h|d`; `0` or `off` means never.
+fn parse_interval(text: &str) -> Result<Option<std::time::Duration>, String> {
+    let text = text.trim();
+    let bad = || format!("{text:?} is not a duration such as 90s, 30m, 1h or 1d (or 0/off)");
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = number.parse::<u64>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(bad)?;
+    if secs > 365 * 86_400 {
+        return Err("must be at most a year".into());
+    }
+    Ok((secs > 0).then(|| std::time::Duration::from_secs(secs)))
 }
 
 #[cfg(test)]
@@ -473,5 +533,31 @@ mod tests {
         std::fs::write(&path, "shards = 2\n").unwrap();
         set_mode(0o644);
         assert!(FileConfig::load(&path).is_ok(), "no secret, no restriction");
+    }
+
+    #[test]
+    fn recommendation_options_resolve_and_check() {
+        let c = NodeConfig::merge(&GlobalOptions::default(), &NodeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.recommend_interval, Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(c.recommend_k, 20);
+        let args = NodeArgs { recommend_interval: Some("off".into()), ..Default::default() };
+        let c = NodeConfig::merge(&GlobalOptions::default(), &args, file("recommend_k = 5")).unwrap();
+        assert_eq!((c.recommend_interval, c.recommend_k), (None, 5));
+        for (text, secs) in
+            [("0", None), ("90", Some(90)), ("90s", Some(90)), ("30m", Some(1800)), ("2d", Some(172_800))]
+        {
+            assert_eq!(parse_interval(text).unwrap(), secs.map(std::time::Duration::from_secs), "{text}");
+        }
+        for text in ["", "1x", "-5s", "h", "99999999999999999999d", "400d"] {
+            assert!(parse_interval(text).is_err(), "{text} was accepted");
+        }
+        for (args, field) in [
+            (NodeArgs { recommend_k: Some(0), ..Default::default() }, "recommend-k"),
+            (NodeArgs { recommend_max_df: Some(0.0), ..Default::default() }, "recommend-max-df"),
+            (NodeArgs { recommend_interval: Some("soon".into()), ..Default::default() }, "recommend-interval"),
+        ] {
+            let err = NodeConfig::merge(&GlobalOptions::default(), &args, FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 }

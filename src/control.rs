@@ -66,6 +66,10 @@ pub enum Request {
     KeysRotate,
     /// The data keys, rows under each, and the re-sealing pass.
     KeysStatus,
+    /// Start a recommendation run, or join the one going on: `{"generation": …}`.
+    RecommendRun,
+    /// The recommendation batch's `RecommendStatus` (progress of a run, the last run).
+    RecommendStatus,
 }
 
 /// What a node answers.
@@ -324,6 +328,8 @@ mod tests {
             Request::ListProjects { creator: Some(id), limit: Some(5), cursor: Some("c".into()) },
             Request::ListProjects { creator: None, limit: None, cursor: None },
             Request::NetworkStatus,
+            Request::RecommendRun,
+            Request::RecommendStatus,
         ] {
             let line = encode_request(&req);
             assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);

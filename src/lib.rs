@@ -4,7 +4,8 @@
 //! tests can reuse pieces (an embedded PostgreSQL cluster, the TLS helpers) while still
 //! talking to the real binary over the wire.
 //!
-//! Layout: pure logic (no actor, no I/O) in `vclock`, `placement`, `validate`, `model`;
+//! Layout: pure logic (no actor, no I/O) in `vclock`, `placement`, `validate`, `model`,
+//! `similarity`;
 //! the actor tree in `actors/` (mounted below); the HTTP handlers in `api`; boot code in
 //! `boot`, `config`, `embedded_pg`, `tls`, `logging`; the CLI's local channel in `control`.
 
@@ -22,6 +23,7 @@ pub mod sealing;
 pub mod secrets;
 pub mod sequencer;
 pub mod shard_tls;
+pub mod similarity;
 pub mod tls;
 pub mod validate;
 pub mod vclock;

@@ -946,3 +946,147 @@ fn gid_literal(gid: &str) -> Result<&str, StoreError> {
         Err(StoreError::Database("malformed transaction id".into()))
     }
 }
+
+// ----- recommendations (RecommendActor's batch; see schema/0003_recommendations.sql) ----
+
+use crate::actors::recommend::{RecoInput, RecoRow, RunRecord};
+
+impl Db {
+    /// Every user of this shard with the features the similarity model reads.
+    pub async fn reco_features(&self) -> Result<Vec<RecoInput>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT u.id, u.username, p.skills, p.interests FROM users u JOIN profiles p ON p.user_id = u.id",
+                &[],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| RecoInput { user_id: r.get(0), username: r.get(1), skills: r.get(2), interests: r.get(3) })
+            .collect())
+    }
+
+    /// Deletes rows of generations this shard does not serve (left by a failed run).
+    pub async fn reco_discard_stale(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM recommendations
+                 WHERE generation <> coalesce((SELECT generation FROM recommendation_state), -1)",
+                &[],
+            )
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Writes one batch of a generation's rows in one transaction (not yet served).
+    pub async fn reco_write(&self, generation: i64, rows: Vec<RecoRow>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in rows {
+            cols.0.push(r.user_id);
+            cols.1.push(r.mode.as_str());
+            cols.2.push(r.rank);
+            cols.3.push(r.neighbour_id);
+            cols.4.push(r.username);
+            cols.5.push(r.score);
+            cols.6.push(to_json(&r.shared));
+        }
+        tx.execute(
+            "INSERT INTO recommendations (generation, user_id, mode, rank, neighbour_id, username, score, shared)
+             SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::smallint[], $5::uuid[], $6::text[],
+                                      $7::float8[], $8::jsonb[])",
+            &[&generation, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        tx.commit().await.map_err(|e| self.fail(e))
+    }
+
+    /// Makes `run` the generation this shard serves, then drops the older rows.
+    pub async fn reco_activate(&self, run: RunRecord) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO recommendation_state (id, generation, computed_at, users, duration_ms, k)
+                 VALUES (true, $1, $2, $3, $4, $5)
+                 ON CONFLICT (id) DO UPDATE SET generation = $1, computed_at = $2, users = $3, duration_ms = $4, k = $5",
+                &[&run.generation, &run.computed_at, &run.users, &run.duration_ms, &run.k],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        // Served from now on is `run`; the rest is garbage, removed outside the flip.
+        client
+            .execute("DELETE FROM recommendations WHERE generation <> $1", &[&run.generation])
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// The run this shard serves, if any.
+    pub async fn reco_state(&self) -> Result<Option<RunRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT generation, computed_at, users, duration_ms, k FROM recommendation_state", &[])
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(row.map(|r| RunRecord {
+            generation: r.get(0),
+            computed_at: r.get(1),
+            users: r.get(2),
+            duration_ms: r.get(3),
+            k: r.get(4),
+        }))
+    }
+
+    /// A user's served recommendations in one mode, best first, at most `limit`, with the
+    /// run they come from (one statement, so both come from one snapshot).
+    pub async fn reco_for_user(
+        &self,
+        user_id: Uuid,
+        mode: crate::similarity::Mode,
+        limit: i64,
+    ) -> Result<Option<(RunRecord, Vec<RecoRow>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT s.generation, s.computed_at, s.users, s.duration_ms, s.k,
+                        r.rank, r.neighbour_id, r.username, r.score, r.shared
+                 FROM recommendation_state s
+                 LEFT JOIN LATERAL (
+                     SELECT rank, neighbour_id, username, score, shared FROM recommendations
+                     WHERE generation = s.generation AND user_id = $1 AND mode = $2
+                     ORDER BY rank LIMIT $3
+                 ) r ON true
+                 ORDER BY r.rank",
+                &[&user_id, &mode.as_str(), &limit],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let Some(first) = rows.first() else { return Ok(None) };
+        let run = RunRecord {
+            generation: first.get(0),
+            computed_at: first.get(1),
+            users: first.get(2),
+            duration_ms: first.get(3),
+            k: first.get(4),
+        };
+        let mut found = Vec::with_capacity(rows.len());
+        for r in rows.iter().filter(|r| r.get::<_, Option<i16>>(5).is_some()) {
+            found.push(RecoRow {
+                user_id,
+                mode,
+                rank: r.get(5),
+                neighbour_id: r.get(6),
+                username: r.get(7),
+                score: r.get(8),
+                shared: serde_json::from_value(r.get(9))
+                    .map_err(|e| StoreError::Database(format!("unreadable shared features: {e}")))?,
+            });
+        }
+        Ok(Some((run, found)))
+    }
+}

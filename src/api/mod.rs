@@ -9,6 +9,7 @@ pub mod extract;
 pub mod network;
 pub mod profiles;
 pub mod projects;
+pub mod recommendations;
 pub mod session;
 pub mod users;
 pub mod ws;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub supervisor: Addr<NodeSupervisor>,
     /// Events a WebSocket client may fall behind by before it is disconnected.
     pub ws_queue: usize,
+    /// Neighbours a recommendation run keeps per user and mode (the largest `limit`).
+    pub recommend_k: usize,
 }
 
 /// A 400 with a validation message.
@@ -67,6 +70,7 @@ pub(crate) fn tagged(mut builder: HttpResponseBuilder, clock: &VectorClock) -> H
         projects::create, projects::get, projects::update, projects::delete, projects::list,
         session::login, session::logout,
         network::status, network::healthz, network::readyz,
+        recommendations::users,
     ),
     modifiers(&BearerAuth),
 )]
@@ -155,6 +159,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .service(resource("/auth/login").route(web::post().to(session::login)))
                 .service(resource("/auth/logout").route(web::post().to(session::logout)))
                 .service(resource("/network/status").route(web::get().to(network::status)))
+                .service(resource("/recommendations/users").route(web::get().to(recommendations::users)))
                 .service(resource("/ws").route(web::get().to(ws::ws_endpoint)))
                 .default_service(web::to(not_found)),
         )
@@ -204,6 +209,7 @@ mod tests {
             "/api/v1/auth/login",
             "/api/v1/auth/logout",
             "/api/v1/network/status",
+            "/api/v1/recommendations/users",
         ] {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
         }

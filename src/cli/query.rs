@@ -107,6 +107,28 @@ fn summary(r: &StatusReport) -> String {
     if let Some(events) = &r.events {
         let _ = writeln!(out, "events:   {} WebSocket sessions, delivered up to seq {}", events.sessions, events.seq);
     }
+    if let Some(reco) = &r.recommendations {
+        let every = reco.interval_secs.map_or("on demand only".to_owned(), |s| format!("every {}", duration(s)));
+        let _ = writeln!(out, "recommendations: k {}, {every}", reco.k);
+        match &reco.last_run {
+            Some(run) => {
+                let _ = writeln!(
+                    out,
+                    "  last run {} for {} users, took {:.1}s",
+                    run.finished_at.to_rfc3339(),
+                    run.users,
+                    run.duration_ms as f64 / 1000.0
+                );
+            }
+            None => out.push_str("  no run has finished yet\n"),
+        }
+        if let Some(p) = &reco.running {
+            let _ = writeln!(out, "  running: {:?} {}/{}", p.phase, p.done, p.total);
+        }
+        if let Some(f) = &reco.last_failure {
+            let _ = writeln!(out, "  last run failed at {}: {}", f.failed_at.to_rfc3339(), f.error);
+        }
+    }
     out
 }
 
@@ -155,6 +177,7 @@ mod tests {
                 },
             ],
             events: Some(HubStatus { sessions: 2, seq: 17, pending_reports: 0 }),
+            recommendations: None,
         };
         let text = summary(&report);
         for needle in

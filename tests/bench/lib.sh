@@ -14,6 +14,8 @@
 #   rss_kib PID [FIELD]                VmRSS (or VmHWM, …) of a process in KiB
 #   doc_replace_section FILE NAME CONTENT_FILE
 #                                      rewrite one generated section of a Markdown file
+#   machine_facts                      set CPU_MODEL MEM_GIB RUSTC COMMIT NOW for a report
+#   machine_table                      the head of a report's Markdown machine table
 
 log() { printf '==> %s\n' "$*" >&2; }
 warn() { printf 'WARNING: %s\n' "$*" >&2; }
@@ -209,4 +211,29 @@ doc_replace_section() {
     fi
     chmod 0644 "$tmp"
     mv -- "$tmp" "$file"
+}
+
+# machine_facts: sets CPU_MODEL, MEM_GIB, RUSTC, COMMIT (short hash of $ROOT, marked when
+# tracked files have uncommitted changes) and NOW (UTC), for a report's machine table.
+machine_facts() {
+    # shellcheck disable=SC2034 # for the caller
+    CPU_MODEL=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    # shellcheck disable=SC2034
+    MEM_GIB=$(awk '/^MemTotal:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
+    # shellcheck disable=SC2034
+    RUSTC=$(rustc --version 2>/dev/null || echo unknown)
+    COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ $COMMIT != unknown && -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+        COMMIT="$COMMIT (with uncommitted changes)"
+    fi
+    # shellcheck disable=SC2034
+    NOW=$(date -u '+%Y-%m-%d %H:%M UTC')
+}
+
+# machine_table: prints the head of a Markdown machine table (CPUs, model, memory,
+# kernel); the caller appends its own rows. Needs machine_facts first.
+machine_table() {
+    printf '| | |\n|---|---|\n'
+    printf '| CPUs (nproc) | %s |\n| CPU model | %s |\n' "$(nproc)" "$CPU_MODEL"
+    printf '| Memory | %s GiB |\n| Kernel | %s |\n' "$MEM_GIB" "$(uname -r)"
 }

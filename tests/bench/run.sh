@@ -14,7 +14,9 @@
 #      ceiling any read endpoint works under;
 #   6. prints a summary and rewrites its section of docs/BENCHMARKS.md (between
 #      <!-- bench:api:begin --> and <!-- bench:api:end -->; the rest is kept);
-#   7. always stops the node and removes the temp directory (trap on exit).
+#   7. always stops the node and removes the temp directory (trap on exit);
+#   8. runs the recommendation batch benchmark, tests/bench/reco.sh (its own section;
+#      `run.sh reco` or `make bench-reco` runs only that one).
 #
 # Knobs (environment):
 #   BENCH_DURATION=20     seconds of each measured run (wrk and pgbench)
@@ -34,6 +36,11 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/../.." && pwd)
 # shellcheck source=tests/bench/lib.sh
 source "$BENCH_DIR/lib.sh"
+
+# `run.sh reco` runs only the recommendation batch benchmark (tests/bench/reco.sh).
+if [[ ${1:-} == reco ]]; then
+    exec bash "$BENCH_DIR/reco.sh"
+fi
 
 DURATION=${BENCH_DURATION:-20}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
@@ -334,14 +341,7 @@ on a quiet machine. Run \`make bench\` again when the machine is idle."
     warn "other processes used up to $MAX_OTHER cores during a measured run: the figures are disturbed"
 fi
 
-CPU_MODEL=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-MEM_GIB=$(awk '/^MemTotal:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
-RUSTC=$(rustc --version 2>/dev/null || echo unknown)
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ $COMMIT != unknown && -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-    COMMIT="$COMMIT (with uncommitted changes)"
-fi
-NOW=$(date -u '+%Y-%m-%d %H:%M UTC')
+machine_facts
 
 cat >&2 <<EOF
 
@@ -355,6 +355,9 @@ node idle RSS            $RSS_IDLE_MIB MiB   (target < $TARGET_RSS_MIB MiB: $RSS
 CPU in cores (node, PostgreSQL, load generator, other):
   GET user ${R[get.node]} ${R[get.pg]} ${R[get.client]} ${R[get.other]}; POST project ${R[post.node]} ${R[post.pg]} ${R[post.client]} ${R[post.other]}; healthz ${R[healthz.node]} ${R[healthz.pg]} ${R[healthz.client]} ${R[healthz.other]}; pgbench ${R[pgbench.node]} ${R[pgbench.pg]} ${R[pgbench.client]} ${R[pgbench.other]}
 EOF
+
+# The recommendation batch benchmark (no node needed; its own section of the document).
+bash "$BENCH_DIR/reco.sh"
 
 [[ -n $DOC ]] || exit 0
 SECTION=$WORK/section.md
@@ -403,12 +406,7 @@ rewritten on every run: edit outside the \`bench:api\` markers._
 
 ### Machine
 
-| | |
-|---|---|
-| CPUs (nproc) | $(nproc) |
-| CPU model | $CPU_MODEL |
-| Memory | $MEM_GIB GiB |
-| Kernel | $(uname -r) |
+$(machine_table)
 | PostgreSQL | $PG_VERSION |
 | rustc | $RUSTC |
 | cosmicsync commit | $COMMIT |
