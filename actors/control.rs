@@ -18,6 +18,7 @@ use slog_scope::{debug, error, info, warn};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::actors::peer::{FindPeer, GetNetwork, PeerActor};
 use crate::actors::shard::{GetProfile, GetProject, GetUser};
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::{GetStatus, NodeSupervisor, Shutdown};
@@ -43,8 +44,13 @@ pub struct ControlActor {
 
 impl ControlActor {
     /// Serves `listener` (bound by `crate::control::bind`) once started.
-    pub fn new(listener: StdUnixListener, supervisor: Addr<NodeSupervisor>, shards: Shards) -> Self {
-        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards } }
+    pub fn new(
+        listener: StdUnixListener,
+        supervisor: Addr<NodeSupervisor>,
+        shards: Shards,
+        peer: Addr<PeerActor>,
+    ) -> Self {
+        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, peer } }
     }
 }
 
@@ -132,6 +138,7 @@ async fn read_line(read: tokio::net::unix::OwnedReadHalf) -> std::io::Result<Opt
 struct RequestHandler {
     supervisor: Addr<NodeSupervisor>,
     shards: Shards,
+    peer: Addr<PeerActor>,
 }
 
 impl RequestHandler {
@@ -157,6 +164,14 @@ impl RequestHandler {
             Request::GetProject { id } => json(self.shards.ask_for(&id, GetProject { id }).await?),
             Request::ListProjects { creator, limit, cursor } => {
                 json(crate::api::projects::list_page(&self.shards, creator, cursor, limit).await?)
+            }
+            Request::NetworkPeers => json(self.peer.send(GetNetwork).await??.peers),
+            Request::FindPeer { peer_id } => {
+                let peer_id = peer_id
+                    .trim()
+                    .parse()
+                    .map_err(|e| ApiError::BadRequest(format!("{peer_id:?} is not a peer id: {e}")))?;
+                json(self.peer.send(FindPeer(peer_id)).await??)
             }
         }
     }

@@ -5,6 +5,7 @@
 //! ├── ShardActor × N   one per PostgreSQL shard; the only code that runs SQL
 //! ├── AuthActor        bcrypt on a blocking pool, JWT issue/verify, revocations
 //! ├── EventHub         orders committed changes and fans them out to WebSocket sessions
+//! ├── PeerActor        the libp2p network: owns the Swarm's event loop (Supervisor-restarted)
 //! ├── HttpActor        the actix-web server (REST + WebSocket)
 //! └── ControlActor     the CLI's local channel (a Unix socket in the data directory)
 //! ```
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod control;
 pub mod event_hub;
 pub mod http;
+pub mod peer;
 pub mod shard;
 pub mod shards;
 pub mod supervisor;

@@ -24,9 +24,10 @@ use crate::actors::auth::AuthActor;
 use crate::actors::control::ControlActor;
 use crate::actors::event_hub::EventHub;
 use crate::actors::http::HttpActor;
+use crate::actors::peer::{GetNetwork, PeerActor};
 use crate::actors::shard::{ShardActor, ShardEnv, ShardState};
 use crate::actors::shards::Shards;
-use crate::actors::supervisor::{AttachHttp, NodeFacts, NodeSupervisor, Shutdown};
+use crate::actors::supervisor::{AttachHttp, AttachPeer, NodeFacts, NodeSupervisor, Shutdown};
 use crate::api::AppState;
 use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
@@ -47,6 +48,12 @@ pub struct NodeInfo {
     pub data_dir: PathBuf,
     pub control_socket: PathBuf,
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The libp2p peer id (from `<data-dir>/p2p.key`).
+    #[serde(default)]
+    pub peer_id: String,
+    /// The multiaddrs the node's network actually listens on.
+    #[serde(default)]
+    pub p2p_addrs: Vec<String>,
 }
 
 /// The path of node.json in a data directory.
@@ -181,6 +188,11 @@ async fn start(
     };
     let facts = NodeFacts { node_id: node_id.clone(), api_url: api_url.clone(), storage: storage.into() };
     let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone()).start();
+    let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
+    let peer = PeerActor::new(key, config.p2p.clone()).context("cannot start the peer-to-peer network")?;
+    let peer_id = peer.peer_id().to_string();
+    let peer = Supervisor::start(move |_| peer);
+    supervisor.do_send(AttachPeer(peer.clone()));
     let state = AppState {
         shards: shards.clone(),
         auth,
@@ -202,7 +214,7 @@ async fn start(
     .context("cannot start the HTTPS server")?
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
-    ControlActor::new(control, supervisor.clone(), shards.clone()).start();
+    ControlActor::new(control, supervisor.clone(), shards.clone(), peer.clone()).start();
     watch_signals(supervisor.clone());
 
     // Ready: wait for the shards, then tell the world where we are.
@@ -210,7 +222,8 @@ async fn start(
     loop {
         let health = shards.health().await;
         let auth_ready = tokens.is_ready();
-        if auth_ready && health.iter().all(|h| h.state == ShardState::Up) {
+        let network = peer.send(GetNetwork).await.ok().and_then(Result::ok).filter(|n| n.listening);
+        if auth_ready && network.is_some() && health.iter().all(|h| h.state == ShardState::Up) {
             // A prepared transaction found now was almost surely left by an earlier run:
             // this one has not announced itself (node.json comes next). Settle it at once
             // rather than after 30 s; were a write of this run caught, `Decide` makes it
@@ -227,6 +240,10 @@ async fn start(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let p2p_addrs = match peer.send(GetNetwork).await {
+        Ok(Ok(network)) => network.listen_addrs,
+        _ => Vec::new(),
+    };
     let info = NodeInfo {
         pid: std::process::id(),
         node_id,
@@ -236,9 +253,12 @@ async fn start(
         data_dir: data_dir.clone(),
         control_socket: crate::control::socket_path(data_dir),
         started_at: chrono::Utc::now(),
+        peer_id: peer_id.clone(),
+        p2p_addrs,
     };
     write_node_info(data_dir, &info)?;
-    info!("node ready"; "api_url" => &api_url, "shards" => shards.len(), "tls_cert" => %tls_files.cert.display());
+    info!("node ready"; "api_url" => &api_url, "shards" => shards.len(), "tls_cert" => %tls_files.cert.display(),
+          "peer_id" => &peer_id);
     Ok(())
 }
 

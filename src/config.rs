@@ -88,6 +88,9 @@ pub struct NodeArgs {
     /// Events a WebSocket client may fall behind by before it is disconnected [default: 1024]
     #[arg(long, env = "COSMICSYNC_WS_QUEUE", value_name = "N")]
     pub ws_queue: Option<usize>,
+
+    #[command(flatten)]
+    pub p2p: Box<crate::p2p::config::P2pArgs>,
 }
 
 /// What a TOML config file may set (same names as the flags).
@@ -108,6 +111,8 @@ pub struct FileConfig {
     pub ws_queue: Option<usize>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
+    /// The peer-to-peer network (`[p2p]` table).
+    pub p2p: Option<crate::p2p::config::P2pFile>,
 }
 
 /// Where the shards live.
@@ -142,6 +147,7 @@ pub struct NodeConfig {
     pub ws_queue: usize,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub p2p: crate::p2p::config::P2pConfig,
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -243,6 +249,7 @@ impl NodeConfig {
         let log_level = global.log_level.clone().or(file.log_level).unwrap_or_else(|| defaults::LOG_LEVEL.into());
         crate::logging::parse_level(&log_level)
             .ok_or_else(|| invalid("log-level", "must be one of critical, error, warning, info, debug, trace"))?;
+        let p2p = crate::p2p::config::P2pConfig::merge(&args.p2p, file.p2p)?;
         Ok(NodeConfig {
             data_dir,
             http_addr,
@@ -254,6 +261,7 @@ impl NodeConfig {
             ws_queue,
             log_format,
             log_level,
+            p2p,
         })
     }
 }

@@ -59,8 +59,13 @@ pub enum Request {
         #[serde(default)]
         cursor: Option<String>,
     },
-    /// The node's view of the network (for now the same `StatusReport`).
+    /// The node's view of the network (the `StatusReport`, whose `network` part is the
+    /// peer-to-peer status).
     NetworkStatus,
+    /// The connected peers (`Vec<PeerReport>`).
+    NetworkPeers,
+    /// A DHT lookup of a peer's addresses (`FoundPeer`).
+    FindPeer { peer_id: String },
 }
 
 /// What a node answers.
@@ -319,6 +324,8 @@ mod tests {
             Request::ListProjects { creator: Some(id), limit: Some(5), cursor: Some("c".into()) },
             Request::ListProjects { creator: None, limit: None, cursor: None },
             Request::NetworkStatus,
+            Request::NetworkPeers,
+            Request::FindPeer { peer_id: "12D3KooW".into() },
         ] {
             let line = encode_request(&req);
             assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);

@@ -15,6 +15,7 @@ pub mod control;
 pub mod embedded_pg;
 pub mod logging;
 pub mod model;
+pub mod p2p;
 pub mod placement;
 pub mod problem;
 pub mod secrets;

@@ -16,8 +16,15 @@ use uuid::Uuid;
 /// The password every test user gets.
 pub const PASSWORD: &str = "correct horse battery";
 
-/// Arguments every test node gets: a free port.
-pub const FAST: &[&str] = &["--http-addr", "127.0.0.1:0"];
+/// Arguments every test node gets: free ports (HTTPS, and libp2p on TCP and QUIC).
+pub const FAST: &[&str] = &[
+    "--http-addr",
+    "127.0.0.1:0",
+    "--p2p-listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--p2p-listen",
+    "/ip4/127.0.0.1/udp/0/quic-v1",
+];
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
