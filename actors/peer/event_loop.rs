@@ -255,7 +255,9 @@ impl EventLoop {
             SwarmEvent::Behaviour(event) => self.on_behaviour(event),
             SwarmEvent::NewListenAddr { listener_id, address } => {
                 if let Some(r) = self.reservations.get_mut(&listener_id) {
-                    r.relayed_addrs.push(address);
+                    if !r.relayed_addrs.contains(&address) {
+                        r.relayed_addrs.push(address);
+                    }
                     return;
                 }
                 info!("listening"; "addr" => %address);
@@ -281,9 +283,16 @@ impl EventLoop {
             }
             SwarmEvent::ListenerError { error, .. } => warn!("listener error"; "error" => %error),
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
-                let addr = endpoint.get_remote_address().clone();
+                // An inbound relayed connection's remote address is only `/p2p/<peer>`; its
+                // local address is the circuit, which names the relay.
+                let (addr, dialer) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+                    ConnectedPoint::Listener { local_addr, .. } if is_relayed(local_addr) => {
+                        (local_addr.clone(), false)
+                    }
+                    ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr.clone(), false),
+                };
                 let relayed = is_relayed(&addr);
-                let dialer = matches!(endpoint, ConnectedPoint::Dialer { .. });
                 if num_established.get() == 1 {
                     info!("peer connected"; "peer" => %peer_id, "addr" => %addr,
                           "route" => if relayed { "relayed" } else { "direct" });

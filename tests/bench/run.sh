@@ -30,6 +30,15 @@
 
 set -euo pipefail
 
+# `run.sh api` is this API benchmark, `run.sh p2p` the network one (tests/bench/p2p.sh),
+# `run.sh` (or `all`) both, each with its own section of docs/BENCHMARKS.md.
+case ${1:-all} in
+    api) ;;
+    p2p) exec bash "$(dirname "${BASH_SOURCE[0]}")/p2p.sh" ;;
+    all) bash "${BASH_SOURCE[0]}" api && BENCH_BUILD=0 exec bash "$(dirname "${BASH_SOURCE[0]}")/p2p.sh" ;;
+    *) echo "usage: $0 [api|p2p|all]" >&2 && exit 2 ;;
+esac
+
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/../.." && pwd)
 # shellcheck source=tests/bench/lib.sh

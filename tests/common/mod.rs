@@ -78,10 +78,33 @@ impl Node {
 
     /// Starts a node on an existing data directory (e.g. to restart one).
     pub async fn start_in(dir: &Path, args: &[&str]) -> Node {
+        let args: Vec<&str> = FAST.iter().chain(args).copied().collect();
+        Node::start_wrapped(&[], dir, &args).await
+    }
+
+    /// Starts a node in a fresh temp data directory through `wrapper` (e.g.
+    /// `ip netns exec NS`, which execs the binary, so the child's pid is the node's),
+    /// with exactly `args` (no `FAST`: the caller chooses every address).
+    pub async fn start_wrapped_temp(wrapper: &[&str], args: &[&str]) -> Node {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_owned();
+        let mut node = Node::start_wrapped(wrapper, &dir, args).await;
+        node._temp = Some(temp);
+        node
+    }
+
+    async fn start_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Node {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("test-node.log")).expect("log file");
-        let mut cmd = Command::new(binary());
-        cmd.arg("--data-dir").arg(dir).arg("start").args(FAST).args(args);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
+        };
+        cmd.arg("--data-dir").arg(dir).arg("start").args(args);
         // Cheap bcrypt through the environment, so a test can still override it with a flag.
         cmd.env("COSMICSYNC_BCRYPT_COST", "4");
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
