@@ -126,6 +126,20 @@ async fn wait_peer(node: &Node, peer: &str, what: &str, accept: impl Fn(&Value) 
     .await
 }
 
+/// The lab with NAT types `nat_a` and `nat_b` and the three nodes in it, or `None`
+/// (after printing why) when the lab cannot be built here.
+async fn scenario(nat_a: &str, nat_b: &str) -> Option<(Lab, Node, Node, Node)> {
+    let lab = match Lab::up(nat_a, nat_b) {
+        Ok(lab) => lab,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    };
+    let (public, a, b) = three_nodes().await;
+    Some((lab, public, a, b))
+}
+
 /// The public node, and A and B behind their NATs, each knowing only the public node.
 async fn three_nodes() -> (Node, Node, Node) {
     let public = node_in(
@@ -148,15 +162,8 @@ async fn three_nodes() -> (Node, Node, Node) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_behind_endpoint_independent_nats_connect_directly() {
-    let _lab = match Lab::up("eim", "eim") {
-        Ok(lab) => lab,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
-    };
+    let Some((_lab, public, a, b)) = scenario("eim", "eim").await else { return };
     let started = Instant::now();
-    let (public, a, b) = three_nodes().await;
     let (pa, pb) = (peer_id(&a), peer_id(&b));
 
     let report_a = wait_private_with_reservation(&a, "A").await;
@@ -191,15 +198,8 @@ async fn two_nodes_behind_endpoint_independent_nats_connect_directly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_symmetric_nat_peers_stay_connected_through_the_relay() {
-    let _lab = match Lab::up("eim", "sym") {
-        Ok(lab) => lab,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
-    };
+    let Some((_lab, public, a, b)) = scenario("eim", "sym").await else { return };
     let started = Instant::now();
-    let (public, a, b) = three_nodes().await;
     let (pa, pb) = (peer_id(&a), peer_id(&b));
     wait_private_with_reservation(&a, "A").await;
     wait_private_with_reservation(&b, "B").await;
