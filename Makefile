@@ -39,7 +39,7 @@ test: ensure-postgres ensure-netlab ## run all tests (cargo nextest if installed
 		$(CARGO) test --no-fail-fast; \
 	fi
 
-bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh)
+bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh: API, then the 30-node p2p network)
 	bash tests/bench/run.sh
 
 lint: ## check formatting and run clippy with warnings denied
