@@ -10,7 +10,10 @@ DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "
 ARGS     ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help ensure-postgres build run test bench bench-reco lint fmt clean
+ensure-netlab: ## install what the NAT test needs (nftables, iptables, conntrack; root and apt-get)
+	.ci/ensure-netlab
+
+.PHONY: help ensure-postgres ensure-netlab build run test bench bench-reco lint fmt clean
 
 help: ## list the targets
 	@echo 'Targets (variables: DATA_DIR=$(DATA_DIR), ARGS="extra cosmicsync start arguments"):'
@@ -27,7 +30,7 @@ run: ensure-postgres build ## start a node with its data (and its PostgreSQL clu
 
 # nextest runs each test in its own process, which keeps one test's stray cluster or
 # panic from taking others down; plain cargo test is the fallback.
-test: ensure-postgres ## run all tests (cargo nextest if installed, else cargo test)
+test: ensure-postgres ensure-netlab ## run all tests (cargo nextest if installed, else cargo test)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo '$(CARGO) nextest run --no-fail-fast'; \
 		$(CARGO) nextest run --no-fail-fast; \
@@ -36,7 +39,7 @@ test: ensure-postgres ## run all tests (cargo nextest if installed, else cargo t
 		$(CARGO) test --no-fail-fast; \
 	fi
 
-bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh)
+bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh: API, recommendation batch, 30-node p2p network)
 	bash tests/bench/run.sh
 
 bench-reco: ## run only the recommendation batch benchmark (tests/bench/reco.sh)

@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::actors::keys::{GetKeyStatus, KeyActor, Rotate};
+use crate::actors::peer::{FindPeer, GetNetwork, PeerActor};
 use crate::actors::recommend::{GetRecommendStatus, RecommendActor, StartRun};
 use crate::actors::shard::{GetProfile, GetProject, GetUser};
 use crate::actors::shards::Shards;
@@ -50,8 +51,9 @@ impl ControlActor {
         supervisor: Addr<NodeSupervisor>,
         shards: Shards,
         keys: Addr<KeyActor>,
+        peer: Addr<PeerActor>,
     ) -> Self {
-        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys, recommender: None } }
+        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys, peer, recommender: None } }
     }
 
     /// Lets the CLI start recommendation runs and follow them.
@@ -147,6 +149,7 @@ struct RequestHandler {
     shards: Shards,
     keys: Addr<KeyActor>,
     recommender: Option<Addr<RecommendActor>>,
+    peer: Addr<PeerActor>,
 }
 
 impl RequestHandler {
@@ -180,6 +183,14 @@ impl RequestHandler {
                 Ok(serde_json::json!({ "generation": generation }))
             }
             Request::RecommendStatus => json(self.recommender()?.send(GetRecommendStatus).await?),
+            Request::NetworkPeers => json(self.peer.send(GetNetwork).await??.peers),
+            Request::FindPeer { peer_id } => {
+                let peer_id = peer_id
+                    .trim()
+                    .parse()
+                    .map_err(|e| ApiError::BadRequest(format!("{peer_id:?} is not a peer id: {e}")))?;
+                json(self.peer.send(FindPeer(peer_id)).await??)
+            }
         }
     }
 

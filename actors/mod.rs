@@ -7,6 +7,7 @@
 //! ├── KeyActor         the data keys: key file, rotation, re-sealing rows under old keys
 //! ├── RecommendActor batch user-user recommendations (timer and on demand)
 //! ├── EventHub         orders committed changes and fans them out to WebSocket sessions
+//! ├── PeerActor        the libp2p network: owns the Swarm's event loop (Supervisor-restarted)
 //! ├── HttpActor        the actix-web server (REST + WebSocket)
 //! └── ControlActor     the CLI's local channel (a Unix socket in the data directory)
 //! ```
@@ -19,6 +20,7 @@ pub mod control;
 pub mod event_hub;
 pub mod http;
 pub mod keys;
+pub mod peer;
 pub mod recommend;
 pub mod shard;
 pub mod shards;

@@ -3,7 +3,7 @@
 //! It is handed the already-started children (boot order lives in `crate::boot`), keeps
 //! the facts `cosmicsync status` and `/network/status` report, sweeps prepared
 //! transactions left in doubt, and runs the graceful shutdown: HTTP first (draining
-//! requests), then the System. It must never do request work itself.
+//! requests), then the network (peers are disconnected cleanly), then the System. It must never do request work itself.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use crate::actors::event_hub::{EventHub, HubStats, HubStatus};
 use crate::actors::http::{HttpActor, StopServer};
+use crate::actors::peer::{Disconnect, GetNetwork, NetworkReport, PeerActor};
 use crate::actors::recommend::{GetRecommendStatus, RecommendActor, RecommendStatus};
 use crate::actors::shard::ShardHealth;
 use crate::actors::shards::Shards;
@@ -42,6 +43,9 @@ pub struct StatusReport {
     /// The recommendation batch: settings, a run in progress, the last run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recommendations: Option<RecommendStatus>,
+    /// The peer-to-peer network (absent while it restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkReport>,
 }
 
 /// Static facts about the node.
@@ -60,13 +64,14 @@ pub struct NodeSupervisor {
     hub: Addr<EventHub>,
     http: Option<Addr<HttpActor>>,
     recommender: Option<Addr<RecommendActor>>,
+    peer: Option<Addr<PeerActor>>,
     stopping: bool,
 }
 
 impl NodeSupervisor {
     /// A supervisor over already-started children.
     pub fn new(facts: NodeFacts, shards: Shards, hub: Addr<EventHub>) -> Self {
-        Self { facts, started: Instant::now(), shards, hub, http: None, recommender: None, stopping: false }
+        Self { facts, started: Instant::now(), shards, hub, http: None, recommender: None, peer: None, stopping: false }
     }
 }
 
@@ -110,6 +115,18 @@ impl Handler<AttachRecommender> for NodeSupervisor {
     }
 }
 
+/// Hands the supervisor the PeerActor (status asks it; shutdown disconnects it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachPeer(pub Addr<PeerActor>);
+
+impl Handler<AttachPeer> for NodeSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: AttachPeer, _: &mut Self::Context) {
+        self.peer = Some(msg.0);
+    }
+}
+
 /// Asks for the node's status.
 #[derive(Message)]
 #[rtype(result = "StatusReport")]
@@ -123,9 +140,14 @@ impl Handler<GetStatus> for NodeSupervisor {
         let uptime_secs = self.started.elapsed().as_secs();
         let hub = self.hub.clone();
         let recommender = self.recommender.clone();
+        let peer = self.peer.clone();
         Box::pin(async move {
             let health: Vec<ShardHealth> = shards.health().await;
             let events = hub.send(HubStats).await.ok();
+            let network = match peer {
+                Some(peer) => peer.send(GetNetwork).await.ok().and_then(Result::ok),
+                None => None,
+            };
             let recommendations = match recommender {
                 Some(r) => r.send(GetRecommendStatus).await.ok(),
                 None => None,
@@ -142,6 +164,7 @@ impl Handler<GetStatus> for NodeSupervisor {
                 shards: health,
                 events,
                 recommendations,
+                network,
             }
         })
     }
@@ -161,10 +184,15 @@ impl Handler<Shutdown> for NodeSupervisor {
         }
         info!("node stopping");
         let http = self.http.clone();
+        let peer = self.peer.clone();
         ctx.spawn(
             async move {
                 if let Some(http) = http {
                     let _ = http.send(StopServer).await;
+                }
+                // Peers see a clean close rather than a connection that times out.
+                if let Some(peer) = peer {
+                    let _ = peer.send(Disconnect).await;
                 }
                 System::current().stop();
             }

@@ -26,10 +26,11 @@ use crate::actors::control::ControlActor;
 use crate::actors::event_hub::EventHub;
 use crate::actors::http::HttpActor;
 use crate::actors::keys::KeyActor;
+use crate::actors::peer::{GetNetwork, PeerActor};
 use crate::actors::recommend::{RecommendActor, RecommendSettings};
 use crate::actors::shard::{KEY_CHECK_FAILED, ShardActor, ShardEnv, ShardState};
 use crate::actors::shards::Shards;
-use crate::actors::supervisor::{AttachHttp, AttachRecommender, NodeFacts, NodeSupervisor, Shutdown};
+use crate::actors::supervisor::{AttachHttp, AttachPeer, AttachRecommender, NodeFacts, NodeSupervisor, Shutdown};
 use crate::api::AppState;
 use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
@@ -51,6 +52,12 @@ pub struct NodeInfo {
     pub data_dir: PathBuf,
     pub control_socket: PathBuf,
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The libp2p peer id (from `<data-dir>/p2p.key`).
+    #[serde(default)]
+    pub peer_id: String,
+    /// The multiaddrs the node's network actually listens on.
+    #[serde(default)]
+    pub p2p_addrs: Vec<String>,
 }
 
 /// The path of node.json in a data directory.
@@ -236,6 +243,11 @@ async fn start(
     };
     let recommender = RecommendActor::new(shards.clone(), recommend_settings).start();
     supervisor.do_send(AttachRecommender(recommender.clone()));
+    let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
+    let peer = PeerActor::new(key, config.p2p.clone()).context("cannot start the peer-to-peer network")?;
+    let peer_id = peer.peer_id().to_string();
+    let peer = Supervisor::start(move |_| peer);
+    supervisor.do_send(AttachPeer(peer.clone()));
     let state = AppState {
         shards: shards.clone(),
         auth,
@@ -261,7 +273,9 @@ async fn start(
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
     let key_actor = KeyActor::new(keys.clone(), config.key_file.clone(), shards.clone(), config.reseal_batch).start();
-    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor).with_recommender(recommender).start();
+    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor, peer.clone())
+        .with_recommender(recommender)
+        .start();
     watch_signals(supervisor.clone());
 
     // Ready: wait for the shards, then tell the world where we are.
@@ -278,7 +292,8 @@ async fn start(
             anyhow::bail!("{fatal} (key file: {})", config.key_file.display());
         }
         let auth_ready = tokens.is_ready();
-        if auth_ready && health.iter().all(|h| h.state == ShardState::Up) {
+        let network = peer.send(GetNetwork).await.ok().and_then(Result::ok).filter(|n| n.listening);
+        if auth_ready && network.is_some() && health.iter().all(|h| h.state == ShardState::Up) {
             // A prepared transaction found now was almost surely left by an earlier run:
             // this one has not announced itself (node.json comes next). Settle it at once
             // rather than after 30 s; were a write of this run caught, `Decide` makes it
@@ -295,6 +310,10 @@ async fn start(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let p2p_addrs = match peer.send(GetNetwork).await {
+        Ok(Ok(network)) => network.listen_addrs,
+        _ => Vec::new(),
+    };
     let info = NodeInfo {
         pid: std::process::id(),
         node_id,
@@ -304,9 +323,12 @@ async fn start(
         data_dir: data_dir.clone(),
         control_socket: crate::control::socket_path(data_dir),
         started_at: chrono::Utc::now(),
+        peer_id: peer_id.clone(),
+        p2p_addrs,
     };
     write_node_info(data_dir, &info)?;
-    info!("node ready"; "api_url" => &api_url, "shards" => shards.len(), "tls_cert" => %tls_files.cert.display());
+    info!("node ready"; "api_url" => &api_url, "shards" => shards.len(), "tls_cert" => %tls_files.cert.display(),
+          "peer_id" => &peer_id);
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! `anyhow` errors that `main` prints.
 
 mod keys;
+mod network;
 mod node;
 mod query;
 mod recommend;
@@ -217,8 +218,32 @@ pub enum ProjectsCommand {
 /// `network`.
 #[derive(Debug, Subcommand)]
 pub enum NetworkCommand {
-    /// Print the node's network status as JSON
+    /// Print the node's status as JSON; its `network` part is the peer-to-peer view
     Status,
+    /// List the connected peers: id, address, direct or relayed, round-trip time, agent
+    Peers(JsonArg),
+    /// Look a peer up in the DHT and print its addresses and how long the lookup took
+    FindPeer(FindPeerArgs),
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `network find-peer`.
+#[derive(Debug, Args)]
+pub struct FindPeerArgs {
+    /// The peer id to look up (e.g. 12D3KooW…)
+    #[arg(value_name = "PEER_ID")]
+    pub peer_id: String,
+
+    /// Print JSON instead of a summary
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A record's id.
@@ -283,6 +308,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(KeysCommand::Rotate { no_wait }) => keys::rotate(&data_dir, no_wait),
         Command::Keys(KeysCommand::Status { json }) => keys::status(&data_dir, json),
         Command::Recommend(RecommendCommand::Run(RecommendRunArgs { json })) => recommend::run(&data_dir, json),
+        Command::Network(NetworkCommand::Peers(JsonArg { json })) => network::peers(&data_dir, json),
+        Command::Network(NetworkCommand::FindPeer(FindPeerArgs { peer_id, json })) => {
+            network::find_peer(&data_dir, peer_id, json)
+        }
     }
 }
 

@@ -139,6 +139,8 @@ pub struct NodeArgs {
     /// Features held by more than this fraction of users (and more than 100 users) are ignored by recommendations, 0-1 [default: 0.02]
     #[arg(long, env = "COSMICSYNC_RECOMMEND_MAX_DF", value_name = "FRACTION")]
     pub recommend_max_df: Option<f64>,
+    #[command(flatten)]
+    pub p2p: Box<crate::p2p::config::P2pArgs>,
 }
 
 /// What a TOML config file may set (same names as the flags).
@@ -168,6 +170,9 @@ pub struct FileConfig {
     pub recommend_interval: Option<String>,
     pub recommend_k: Option<usize>,
     pub recommend_max_df: Option<f64>,
+
+    /// The peer-to-peer network (`[p2p]` table).
+    pub p2p: Option<crate::p2p::config::P2pFile>,
 }
 
 /// Where the shards live.
@@ -213,6 +218,7 @@ pub struct NodeConfig {
     pub recommend_interval: Option<std::time::Duration>,
     pub recommend_k: usize,
     pub recommend_max_df: f64,
+    pub p2p: crate::p2p::config::P2pConfig,
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -387,6 +393,7 @@ impl NodeConfig {
         if !(recommend_max_df > 0.0 && recommend_max_df <= 1.0) {
             return Err(invalid("recommend-max-df", "must be a fraction above 0 and at most 1"));
         }
+        let p2p = crate::p2p::config::P2pConfig::merge(&args.p2p, file.p2p)?;
         Ok(NodeConfig {
             data_dir,
             http_addr,
@@ -407,6 +414,7 @@ impl NodeConfig {
             recommend_interval,
             recommend_k,
             recommend_max_df,
+            p2p,
         })
     }
 }

@@ -59,7 +59,8 @@ pub enum Request {
         #[serde(default)]
         cursor: Option<String>,
     },
-    /// The node's view of the network (for now the same `StatusReport`).
+    /// The node's view of the network (the `StatusReport`, whose `network` part is the
+    /// peer-to-peer status).
     NetworkStatus,
     /// Add a data key and re-seal every row with it (or continue an unfinished rotation);
     /// answers the `KeyStatus` at once, the re-sealing goes on in the background.
@@ -70,6 +71,10 @@ pub enum Request {
     RecommendRun,
     /// The recommendation batch's `RecommendStatus` (progress of a run, the last run).
     RecommendStatus,
+    /// The connected peers (`Vec<PeerReport>`).
+    NetworkPeers,
+    /// A DHT lookup of a peer's addresses (`FoundPeer`).
+    FindPeer { peer_id: String },
 }
 
 /// What a node answers.
@@ -330,6 +335,8 @@ mod tests {
             Request::NetworkStatus,
             Request::RecommendRun,
             Request::RecommendStatus,
+            Request::NetworkPeers,
+            Request::FindPeer { peer_id: "12D3KooW".into() },
         ] {
             let line = encode_request(&req);
             assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);

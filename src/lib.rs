@@ -17,6 +17,7 @@ pub mod embedded_pg;
 pub mod logging;
 pub mod login_limit;
 pub mod model;
+pub mod p2p;
 pub mod placement;
 pub mod problem;
 pub mod sealing;

@@ -181,7 +181,7 @@ async fn detached_node_lifecycle_and_queries() {
 fn config_precedence_and_stop_by_signal() {
     let conf_dir = tempfile::tempdir().expect("temp dir");
     let conf = conf_dir.path().join("node.toml");
-    std::fs::write(&conf, "http_addr = \"127.0.0.2:0\"\nshards = 3\nlog_format = \"json\"\nbcrypt_cost = 5\n")
+    std::fs::write(&conf, "http_addr = \"127.0.0.2:0\"\nshards = 3\nlog_format = \"json\"\nbcrypt_cost = 5\n[p2p]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n")
         .expect("write config");
     let conf = conf.to_string_lossy().into_owned();
 

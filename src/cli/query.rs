@@ -48,9 +48,22 @@ pub fn status(data_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
 /// A query whose answer is printed as pretty JSON: 0 found, 1 refused (not found, bad
 /// cursor…), 3 no node running.
 pub fn print(data_dir: &Path, request: Request) -> anyhow::Result<ExitCode> {
+    show(data_dir, request, None)
+}
+
+/// A query whose answer is printed by `human` for a person, or as pretty JSON when
+/// `human` is `None`; exit statuses as `print`.
+pub fn show(
+    data_dir: &Path,
+    request: Request,
+    human: Option<fn(serde_json::Value) -> anyhow::Result<String>>,
+) -> anyhow::Result<ExitCode> {
     match control::request(data_dir, &request, REQUEST_TIMEOUT) {
         Ok(Response::Ok { data }) => {
-            println!("{}", serde_json::to_string_pretty(&data)?);
+            match human {
+                Some(human) => print!("{}", human(data)?),
+                None => println!("{}", serde_json::to_string_pretty(&data)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Ok(Response::Error { status, message }) => {
@@ -129,6 +142,16 @@ fn summary(r: &StatusReport) -> String {
             let _ = writeln!(out, "  last run failed at {}: {}", f.failed_at.to_rfc3339(), f.error);
         }
     }
+    if let Some(n) = &r.network {
+        let _ = writeln!(
+            out,
+            "network:  peer {}, {} connected, NAT {}, {} in the routing table",
+            n.peer_id,
+            n.peers.len(),
+            n.nat_status,
+            n.routing_table_size
+        );
+    }
     out
 }
 
@@ -178,6 +201,7 @@ mod tests {
             ],
             events: Some(HubStatus { sessions: 2, seq: 17, pending_reports: 0 }),
             recommendations: None,
+            network: None,
         };
         let text = summary(&report);
         for needle in

@@ -14,9 +14,7 @@
 #      ceiling any read endpoint works under;
 #   6. prints a summary and rewrites its section of docs/BENCHMARKS.md (between
 #      <!-- bench:api:begin --> and <!-- bench:api:end -->; the rest is kept);
-#   7. always stops the node and removes the temp directory (trap on exit);
-#   8. runs the recommendation batch benchmark, tests/bench/reco.sh (its own section;
-#      `run.sh reco` or `make bench-reco` runs only that one).
+#   7. always stops the node and removes the temp directory (trap on exit).
 #
 # Knobs (environment):
 #   BENCH_DURATION=20     seconds of each measured run (wrk and pgbench)
@@ -32,15 +30,23 @@
 
 set -euo pipefail
 
+# `run.sh api` is this API benchmark, `run.sh reco` the recommendation batch
+# (tests/bench/reco.sh), `run.sh p2p` the network one (tests/bench/p2p.sh), and `run.sh`
+# (or `all`) all three, each with its own section of docs/BENCHMARKS.md.
+HERE=$(dirname "${BASH_SOURCE[0]}")
+case ${1:-all} in
+    api) ;;
+    reco) exec bash "$HERE/reco.sh" ;;
+    p2p) exec bash "$HERE/p2p.sh" ;;
+    all) bash "${BASH_SOURCE[0]}" api && bash "$HERE/reco.sh" && BENCH_BUILD=0 exec bash "$HERE/p2p.sh" ;;
+    *) echo "usage: $0 [api|reco|p2p|all]" >&2 && exit 2 ;;
+esac
+
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/../.." && pwd)
 # shellcheck source=tests/bench/lib.sh
 source "$BENCH_DIR/lib.sh"
 
-# `run.sh reco` runs only the recommendation batch benchmark (tests/bench/reco.sh).
-if [[ ${1:-} == reco ]]; then
-    exec bash "$BENCH_DIR/reco.sh"
-fi
 
 DURATION=${BENCH_DURATION:-20}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
@@ -356,8 +362,6 @@ CPU in cores (node, PostgreSQL, load generator, other):
   GET user ${R[get.node]} ${R[get.pg]} ${R[get.client]} ${R[get.other]}; POST project ${R[post.node]} ${R[post.pg]} ${R[post.client]} ${R[post.other]}; healthz ${R[healthz.node]} ${R[healthz.pg]} ${R[healthz.client]} ${R[healthz.other]}; pgbench ${R[pgbench.node]} ${R[pgbench.pg]} ${R[pgbench.client]} ${R[pgbench.other]}
 EOF
 
-# The recommendation batch benchmark (no node needed; its own section of the document).
-bash "$BENCH_DIR/reco.sh"
 
 [[ -n $DOC ]] || exit 0
 SECTION=$WORK/section.md

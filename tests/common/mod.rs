@@ -17,8 +17,15 @@ use uuid::Uuid;
 /// The password every test user gets.
 pub const PASSWORD: &str = "correct horse battery";
 
-/// Arguments every test node gets: a free port.
-pub const FAST: &[&str] = &["--http-addr", "127.0.0.1:0"];
+/// Arguments every test node gets: free ports (HTTPS, and libp2p on TCP and QUIC).
+pub const FAST: &[&str] = &[
+    "--http-addr",
+    "127.0.0.1:0",
+    "--p2p-listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--p2p-listen",
+    "/ip4/127.0.0.1/udp/0/quic-v1",
+];
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
@@ -72,7 +79,23 @@ impl Node {
 
     /// Starts a node on an existing data directory (e.g. to restart one).
     pub async fn start_in(dir: &Path, args: &[&str]) -> Node {
-        let mut child = Node::spawn(dir, args);
+        let args: Vec<&str> = FAST.iter().chain(args).copied().collect();
+        Node::start_wrapped(&[], dir, &args).await
+    }
+
+    /// Starts a node in a fresh temp data directory through `wrapper` (e.g.
+    /// `ip netns exec NS`, which execs the binary, so the child's pid is the node's),
+    /// with exactly `args` (no `FAST`: the caller chooses every address).
+    pub async fn start_wrapped_temp(wrapper: &[&str], args: &[&str]) -> Node {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_owned();
+        let mut node = Node::start_wrapped(wrapper, &dir, args).await;
+        node._temp = Some(temp);
+        node
+    }
+
+    async fn start_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Node {
+        let mut child = Node::spawn_wrapped(wrapper, dir, args);
         let pid = u64::from(child.id());
         let info = wait_for("node.json", Duration::from_secs(120), || {
             if let Some(status) = child.try_wait().ok().flatten() {
@@ -88,10 +111,23 @@ impl Node {
     /// Spawns `cosmicsync start` on `dir` with `FAST` plus `args`, logging into the
     /// directory, without waiting for it (see `start_in` for that).
     pub fn spawn(dir: &Path, args: &[&str]) -> Child {
+        let args: Vec<&str> = FAST.iter().chain(args).copied().collect();
+        Node::spawn_wrapped(&[], dir, &args)
+    }
+
+    /// Spawns `cosmicsync start` on `dir` through `wrapper` with exactly `args`.
+    fn spawn_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Child {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("test-node.log")).expect("log file");
-        let mut cmd = Command::new(binary());
-        cmd.arg("--data-dir").arg(dir).arg("start").args(FAST).args(args);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
+        };
+        cmd.arg("--data-dir").arg(dir).arg("start").args(args);
         // Cheap bcrypt through the environment, so a test can still override it with a flag.
         cmd.env("COSMICSYNC_BCRYPT_COST", "4");
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);

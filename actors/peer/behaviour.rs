@@ -1,0 +1,149 @@
+//! The node's libp2p stack: transports (TCP + TLS 1.3 + yamux, QUIC; both encrypted, no
+//! plaintext transport exists) and the composed `NetworkBehaviour` (Kademlia, identify,
+//! ping, AutoNAT, circuit relay v2 server and client, DCUtR, connection limits, optional
+//! mDNS and UPnP).
+//!
+//! Only `build_swarm` makes a Swarm, and only the PeerActor's event loop polls it. This
+//! module must never log a key or read files: the key comes in as a `Keypair`.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{Swarm, autonat, connection_limits, dcutr, identify, kad, mdns, ping, relay, tls, upnp, yamux};
+
+use crate::p2p::config::{KadMode, P2pConfig};
+
+/// The identify protocol version we announce; informational for other implementations.
+pub const IDENTIFY_PROTOCOL: &str = "/cosmicsync/id/1.0.0";
+
+/// A connection with no open stream is closed after this long. Ping keeps a stream open
+/// on every live connection, so this only closes connections whose peer went silent.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Half-open incoming connections allowed at once: a flood of handshakes that never
+/// finish cannot exhaust the node.
+const MAX_PENDING_INCOMING: u32 = 64;
+
+/// Every behaviour the node runs, polled together by the Swarm.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// First, so a connection over the limits is refused before any other behaviour sees it.
+    pub limits: connection_limits::Behaviour,
+    pub relay_client: relay::client::Behaviour,
+    pub relay: Toggle<relay::Behaviour>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub autonat: autonat::v1::Behaviour,
+    pub dcutr: dcutr::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub upnp: Toggle<upnp::tokio::Behaviour>,
+}
+
+/// Why the network stack could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot set up the TCP/TLS transport: {0}")]
+    Tls(String),
+    #[error("cannot set up DNS resolution: {0}")]
+    Dns(String),
+    #[error("cannot set up the relay transport: {0}")]
+    Relay(String),
+    #[error("cannot set up the network behaviour: {0}")]
+    Behaviour(String),
+}
+
+/// Builds the Swarm for `key` and `config` (listening and dialling are the caller's job).
+pub fn build_swarm(key: Keypair, config: &P2pConfig) -> Result<Swarm<Behaviour>, BuildError> {
+    let config = config.clone();
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(libp2p::tcp::Config::default().nodelay(true), tls::Config::new, yamux::Config::default)
+        .map_err(|e| BuildError::Tls(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| BuildError::Dns(e.to_string()))?
+        .with_relay_client(tls::Config::new, yamux::Config::default)
+        .map_err(|e| BuildError::Relay(e.to_string()))?
+        .with_behaviour(|key, relay_client| behaviour(key, relay_client, &config))
+        .map_err(|e| BuildError::Behaviour(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+fn behaviour(
+    key: &Keypair,
+    relay_client: relay::client::Behaviour,
+    config: &P2pConfig,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer_id = key.public().to_peer_id();
+
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(config.max_connections_per_peer))
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
+
+    let relay = (config.relay.max_reservations > 0).then(|| {
+        let relay_config = relay::Config {
+            max_reservations: config.relay.max_reservations,
+            max_circuits: config.relay.max_circuits,
+            max_circuit_duration: config.relay.max_circuit_duration,
+            max_circuit_bytes: config.relay.max_circuit_bytes,
+            ..Default::default()
+        };
+        relay::Behaviour::new(peer_id, relay_config)
+    });
+
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(format!("cosmicsync/{}", env!("CARGO_PKG_VERSION")))
+            // Peers learn a new address (a relay reservation, a UPnP mapping) at once.
+            .with_push_listen_addr_updates(true),
+    );
+
+    let mut kad_config = kad::Config::new(config.kad_protocol.clone());
+    kad_config.set_periodic_bootstrap_interval(Some(config.kad_refresh));
+    kad_config.set_query_timeout(Duration::from_secs(30));
+    let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    match config.kad_mode {
+        KadMode::Auto => kad.set_mode(None),
+        KadMode::Server => kad.set_mode(Some(kad::Mode::Server)),
+        KadMode::Client => kad.set_mode(Some(kad::Mode::Client)),
+    }
+
+    let autonat = autonat::v1::Behaviour::new(
+        peer_id,
+        autonat::v1::Config {
+            // Sooner and more often than the defaults (15 s, 90 s): status is shown to
+            // operators and decides whether the node looks for a relay.
+            boot_delay: Duration::from_secs(5),
+            retry_interval: Duration::from_secs(30),
+            refresh_interval: Duration::from_secs(300),
+            timeout: Duration::from_secs(15),
+            throttle_server_period: Duration::from_secs(15),
+            // Private networks (a company LAN, a lab) are legitimate deployments: probing
+            // only global addresses would leave every such node "unknown" forever.
+            only_global_ips: false,
+            ..Default::default()
+        },
+    );
+
+    let mdns = if config.mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+    let upnp = config.upnp.then(upnp::tokio::Behaviour::default);
+
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        relay_client,
+        relay: relay.into(),
+        identify,
+        ping: ping::Behaviour::new(ping::Config::new()),
+        kad,
+        autonat,
+        dcutr: dcutr::Behaviour::new(peer_id),
+        mdns: mdns.into(),
+        upnp: upnp.into(),
+    })
+}

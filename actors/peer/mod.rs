@@ -1,0 +1,259 @@
+//! PeerActor: the node's handle on the peer-to-peer network.
+//!
+//! The libp2p Swarm is owned by one tokio task, the event loop (`event_loop`), which the
+//! actor starts and watches: the actor turns its messages into typed `Command`s over an
+//! `mpsc` channel and awaits the loop's `oneshot` answers. If the loop ends or panics,
+//! the actor stops and its `actix::Supervisor` restarts it: a new Swarm with the same key
+//! (so the same peer id), on the same ports, re-joining through the bootstrap peers.
+//!
+//! Invariants: only the event loop touches the Swarm; the actor never blocks on the loop
+//! for longer than `ASK_TIMEOUT`; the node key is read from `<data-dir>/p2p.key`
+//! (mode 0600) and never logged.
+
+pub mod behaviour;
+pub mod event_loop;
+pub mod report;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use slog_scope::{error, info, warn};
+use tokio::sync::{mpsc, oneshot};
+
+use self::behaviour::{Behaviour, build_swarm};
+use self::event_loop::{Command, EventLoop, LookupError};
+pub use self::report::{FoundPeer, NetworkReport, PeerReport, RelayReservation};
+use crate::p2p::config::P2pConfig;
+use crate::problem::ApiError;
+
+/// How long a question to the event loop may take before the caller gets an error. A DHT
+/// lookup has its own (longer) limit: the Kademlia query timeout.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// Pause before a failed network start is retried (through a Supervisor restart).
+const RESTART_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Ed25519 secret key bytes in `<data-dir>/p2p.key`.
+const KEY_LEN: usize = 32;
+
+/// Why the network could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("the network is restarting; try again")]
+    Unavailable,
+    #[error("the network did not answer in time")]
+    Timeout,
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error("cannot start the network: {0}")]
+    Start(String),
+}
+
+impl From<PeerError> for ApiError {
+    fn from(e: PeerError) -> Self {
+        match e {
+            PeerError::Lookup(LookupError::NotFound(_)) => ApiError::NotFound(e.to_string()),
+            PeerError::Lookup(LookupError::OwnId) => ApiError::BadRequest(e.to_string()),
+            PeerError::Lookup(LookupError::NoPeers) | PeerError::Unavailable | PeerError::Timeout => {
+                ApiError::Unavailable(e.to_string())
+            }
+            PeerError::Start(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Loads the node's libp2p key from `path`, creating it (mode 0600) on first start.
+pub fn load_key(path: &Path) -> anyhow::Result<Keypair> {
+    use anyhow::Context as _;
+    let mut bytes = crate::secrets::load_or_create(path, KEY_LEN)
+        .with_context(|| format!("cannot load the peer key {}", path.display()))?;
+    let key = Keypair::ed25519_from_bytes(&mut bytes[..KEY_LEN])
+        .with_context(|| format!("{} is not an Ed25519 key; remove it to make a new one", path.display()))?;
+    Ok(key)
+}
+
+/// A Swarm listening on the configured addresses.
+fn start_swarm(key: &Keypair, config: &P2pConfig, listen: &[Multiaddr]) -> Result<Started, PeerError> {
+    let mut swarm = build_swarm(key.clone(), config).map_err(|e| PeerError::Start(e.to_string()))?;
+    let mut listeners = Vec::with_capacity(listen.len());
+    for addr in listen {
+        let id =
+            swarm.listen_on(addr.clone()).map_err(|e| PeerError::Start(format!("cannot listen on {addr}: {e}")))?;
+        listeners.push(id);
+    }
+    Ok(Started { swarm, listeners })
+}
+
+struct Started {
+    swarm: Swarm<Behaviour>,
+    listeners: Vec<libp2p::core::transport::ListenerId>,
+}
+
+/// The actor.
+pub struct PeerActor {
+    key: Keypair,
+    config: P2pConfig,
+    /// The listen addresses, with port 0 replaced by the port bound (shared with the loop).
+    bound: Arc<Mutex<Vec<Multiaddr>>>,
+    /// The Swarm boot code started (so a bad listen address fails the start); later
+    /// starts build their own.
+    first: Option<Started>,
+    commands: Option<mpsc::Sender<Command>>,
+    task: Option<tokio::task::AbortHandle>,
+    stopping: bool,
+    restarts: u32,
+    last_error: Option<String>,
+}
+
+impl PeerActor {
+    /// Builds the Swarm and opens its listeners now, so a bad address or a port in use is
+    /// a start error; the event loop starts with the actor.
+    pub fn new(key: Keypair, config: P2pConfig) -> Result<Self, PeerError> {
+        let first = start_swarm(&key, &config, &config.listen)?;
+        Ok(Self {
+            key,
+            bound: Arc::new(Mutex::new(config.listen.clone())),
+            config,
+            first: Some(first),
+            commands: None,
+            task: None,
+            stopping: false,
+            restarts: 0,
+            last_error: None,
+        })
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.key.public().to_peer_id()
+    }
+
+    /// Sends a command to the loop and waits for its answer.
+    fn ask<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command + 'static,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<T, PeerError>> + 'static {
+        let commands = self.commands.clone();
+        async move {
+            let commands = commands.ok_or(PeerError::Unavailable)?;
+            let (tx, rx) = oneshot::channel();
+            commands.send(make(tx)).await.map_err(|_| PeerError::Unavailable)?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(_)) => Err(PeerError::Unavailable),
+                Err(_) => Err(PeerError::Timeout),
+            }
+        }
+    }
+}
+
+impl Actor for PeerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let started = match self.first.take() {
+            Some(s) => Ok(s),
+            None => {
+                let listen = self.bound.lock().map(|b| b.clone()).unwrap_or_else(|_| self.config.listen.clone());
+                start_swarm(&self.key, &self.config, &listen)
+            }
+        };
+        let started = match started {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot start the network; retrying"; "error" => %e);
+                self.last_error = Some(e.to_string());
+                ctx.run_later(RESTART_BACKOFF, |_, ctx| ctx.stop());
+                return;
+            }
+        };
+        info!("network starting"; "peer_id" => %self.peer_id(), "restarts" => self.restarts);
+        let (tx, rx) = mpsc::channel(64);
+        let event_loop = EventLoop::new(started.swarm, rx, self.config.clone(), started.listeners, self.bound.clone());
+        let handle = tokio::spawn(event_loop.run());
+        self.task = Some(handle.abort_handle());
+        self.commands = Some(tx);
+        ctx.spawn(handle.into_actor(self).map(|result, act, ctx| {
+            if act.stopping {
+                return;
+            }
+            let why = match result {
+                Ok(()) => "the network event loop ended".to_owned(),
+                Err(e) if e.is_panic() => "the network event loop panicked".to_owned(),
+                Err(e) => format!("the network event loop failed: {e}"),
+            };
+            error!("network stopped unexpectedly"; "reason" => &why);
+            act.last_error = Some(why);
+            ctx.stop();
+        }));
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Supervised for PeerActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        self.restarts += 1;
+        self.commands = None;
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        warn!("actor restarting";
+              "actor" => "PeerActor",
+              "reason" => self.last_error.as_deref().unwrap_or("unknown"),
+              "count" => self.restarts);
+    }
+}
+
+/// The network status.
+#[derive(Message)]
+#[rtype(result = "Result<NetworkReport, PeerError>")]
+pub struct GetNetwork;
+
+impl Handler<GetNetwork> for PeerActor {
+    type Result = ResponseFuture<Result<NetworkReport, PeerError>>;
+    fn handle(&mut self, _: GetNetwork, _: &mut Self::Context) -> Self::Result {
+        Box::pin(self.ask(Command::Status, ASK_TIMEOUT))
+    }
+}
+
+/// Looks a peer up in the DHT.
+#[derive(Message)]
+#[rtype(result = "Result<FoundPeer, PeerError>")]
+pub struct FindPeer(pub PeerId);
+
+impl Handler<FindPeer> for PeerActor {
+    type Result = ResponseFuture<Result<FoundPeer, PeerError>>;
+    fn handle(&mut self, msg: FindPeer, _: &mut Self::Context) -> Self::Result {
+        let answer = self.ask(move |tx| Command::FindPeer(msg.0, tx), LOOKUP_TIMEOUT);
+        Box::pin(async move { answer.await?.map_err(PeerError::from) })
+    }
+}
+
+/// Disconnects from every peer and stops the network for good (node shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect;
+
+impl Handler<Disconnect> for PeerActor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Disconnect, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        let done = self.ask(Command::Shutdown, ASK_TIMEOUT);
+        Box::pin(async move {
+            if let Err(e) = done.await {
+                warn!("graceful network shutdown incomplete"; "error" => %e);
+            }
+        })
+    }
+}

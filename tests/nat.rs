@@ -1,0 +1,226 @@
+//! NAT traversal in Linux network namespaces: real `cosmicsync` processes behind NAT
+//! routers built by `../shared/netlab/natlab.sh` (the repository's sibling `shared/`).
+//!
+//! Topology: one public node on `pub1` (198.18.0.1) is the bootstrap peer and relay;
+//! node A sits behind router `nat-a`, node B behind `nat-b`; each knows only the public
+//! node. With two endpoint-independent NATs, A and B must end up with a **direct**
+//! connection (DCUtR hole punching over the relay); with a symmetric NAT on B's side
+//! hole punching cannot work and they must stay connected **through the relay**.
+//!
+//! Needs root, iproute2 network namespaces, nftables, iptables and conntrack
+//! (`.ci/ensure-netlab` installs them). Without them each test prints
+//! `SKIPPED: <reason>` and returns; it never passes silently (nextest shows its output).
+
+mod common;
+
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Node, wait_for};
+use cosmicsync::control::{self, Request, Response};
+use serde_json::Value;
+
+/// Generous: AutoNAT needs a probe to time out before it says "private".
+const DEADLINE: Duration = Duration::from_secs(180);
+
+const PUBLIC_IP: &str = "198.18.0.1";
+
+/// The lab script, or why the test cannot run.
+fn natlab() -> Result<PathBuf, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root to create network namespaces".into());
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/netlab/natlab.sh");
+    if !script.exists() {
+        return Err(format!("{} not found (the shared/ directory beside the repository)", script.display()));
+    }
+    for tool in ["ip", "nft", "iptables", "conntrack"] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output();
+        if !found.is_ok_and(|o| o.status.success()) {
+            return Err(format!("`{tool}` is not installed (run .ci/ensure-netlab)"));
+        }
+    }
+    Ok(script)
+}
+
+/// The lab's namespaces, torn down on drop (also when the test fails). Holds a lock so
+/// two NAT tests never build the same namespaces at once.
+struct Lab {
+    script: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Lab {
+    fn up(nat_a: &str, nat_b: &str) -> Result<Lab, String> {
+        let script = natlab()?;
+        let lock = std::fs::File::create("/tmp/cosmicsync-natlab.lock").map_err(|e| e.to_string())?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err("cannot lock the lab".into());
+        }
+        let lab = Lab { script, _lock: lock };
+        lab.run(&["down"]);
+        let out = lab.run(&["up", "--nat-a", nat_a, "--nat-b", nat_b]);
+        if !out.status.success() {
+            return Err(format!("natlab up failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(lab)
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("bash").arg(&self.script).args(args).output().expect("run natlab.sh")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.run(&["down"]);
+    }
+}
+
+/// Listen on fixed ports on every interface, as a node behind a home router would.
+const LISTEN: &[&str] =
+    &["--p2p-listen", "/ip4/0.0.0.0/tcp/4001", "--p2p-listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--kad-refresh", "10"];
+
+/// Starts a node inside namespace `ns`.
+async fn node_in(ns: &str, extra: &[&str]) -> Node {
+    let args: Vec<&str> = LISTEN.iter().chain(extra).copied().collect();
+    Node::start_wrapped_temp(&["ip", "netns", "exec", ns], &args).await
+}
+
+/// The network report over the control socket (it works across network namespaces).
+fn network(node: &Node) -> Option<Value> {
+    match control::request(&node.dir, &Request::Status, Duration::from_secs(30)) {
+        Ok(Response::Ok { data }) => Some(data["network"].clone()).filter(|n| !n.is_null()),
+        _ => None,
+    }
+}
+
+fn peer_id(node: &Node) -> String {
+    node.info["peer_id"].as_str().expect("peer_id").to_owned()
+}
+
+/// Waits until `node` is behind NAT by AutoNAT's verdict and holds an accepted relay slot.
+async fn wait_private_with_reservation(node: &Node, name: &str) -> Value {
+    wait_for(&format!("{name}: NAT private and a relay reservation"), DEADLINE, || {
+        let report = network(node).filter(|n| {
+            n["nat_status"] == "private"
+                && n["relay_reservations"].as_array().is_some_and(|r| r.iter().any(|r| r["accepted"] == true))
+        });
+        async move { report }
+    })
+    .await
+}
+
+/// `node`'s entry for `peer` once `accept` holds for it.
+async fn wait_peer(node: &Node, peer: &str, what: &str, accept: impl Fn(&Value) -> bool) -> Value {
+    wait_for(what, DEADLINE, || {
+        let entry = network(node)
+            .and_then(|n| n["peers"].as_array()?.iter().find(|p| p["peer_id"] == peer).cloned())
+            .filter(&accept);
+        async move { entry }
+    })
+    .await
+}
+
+/// The lab with NAT types `nat_a` and `nat_b` and the three nodes in it, or `None`
+/// (after printing why) when the lab cannot be built here.
+async fn scenario(nat_a: &str, nat_b: &str) -> Option<(Lab, Node, Node, Node)> {
+    let lab = match Lab::up(nat_a, nat_b) {
+        Ok(lab) => lab,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    };
+    let (public, a, b) = three_nodes().await;
+    Some((lab, public, a, b))
+}
+
+/// The public node, and A and B behind their NATs, each knowing only the public node.
+async fn three_nodes() -> (Node, Node, Node) {
+    let public = node_in(
+        "pub1",
+        &[
+            "--kad-mode",
+            "server",
+            "--external-addr",
+            "/ip4/198.18.0.1/tcp/4001",
+            "--external-addr",
+            "/ip4/198.18.0.1/udp/4001/quic-v1",
+        ],
+    )
+    .await;
+    let bootstrap = format!("/ip4/{PUBLIC_IP}/udp/4001/quic-v1/p2p/{}", peer_id(&public));
+    let a = node_in("a1", &["--bootstrap", &bootstrap]).await;
+    let b = node_in("b1", &["--bootstrap", &bootstrap]).await;
+    (public, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_behind_endpoint_independent_nats_connect_directly() {
+    let Some((_lab, public, a, b)) = scenario("eim", "eim").await else { return };
+    let started = Instant::now();
+    let (pa, pb) = (peer_id(&a), peer_id(&b));
+
+    let report_a = wait_private_with_reservation(&a, "A").await;
+    wait_private_with_reservation(&b, "B").await;
+    let relayed = report_a["relay_reservations"][0]["relayed_addrs"].to_string();
+    assert!(relayed.contains(PUBLIC_IP) && relayed.contains("p2p-circuit"), "{report_a:#}");
+
+    // A learns B from the DHT (only the public node was named), reaches it through the
+    // relay, and DCUtR replaces that with a direct connection.
+    let entry = wait_peer(&a, &pb, "A to hold a direct connection to B", |p| p["route"] == "direct").await;
+    let address = entry["address"].as_str().unwrap_or_default();
+    assert!(!address.contains("p2p-circuit"), "direct means not through the relay: {entry:#}");
+    assert!(address.contains("198.18.0.102"), "B's NAT's public address: {entry:#}");
+    wait_peer(&b, &pa, "B to see the direct connection", |p| p["route"] == "direct").await;
+    let logs = format!("{}{}", a.log(), b.log());
+    assert!(logs.contains("hole punch succeeded"), "DCUtR did the upgrade");
+
+    let public_report = wait_for("the public node to be public by AutoNAT", DEADLINE, || {
+        let r = network(&public).filter(|n| n["nat_status"] == "public");
+        async move { r }
+    })
+    .await;
+    assert_eq!(public_report["relay_service"], true);
+    eprintln!(
+        "NAT (eim/eim): A and B behind separate endpoint-independent NATs got a direct connection \
+         ({address}) after {:.1} s; public node relay_service={} nat={}",
+        started.elapsed().as_secs_f64(),
+        public_report["relay_service"],
+        public_report["nat_status"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_symmetric_nat_peers_stay_connected_through_the_relay() {
+    let Some((_lab, public, a, b)) = scenario("eim", "sym").await else { return };
+    let started = Instant::now();
+    let (pa, pb) = (peer_id(&a), peer_id(&b));
+    wait_private_with_reservation(&a, "A").await;
+    wait_private_with_reservation(&b, "B").await;
+
+    wait_peer(&a, &pb, "A to reach B through the relay", |_| true).await;
+    wait_for("a hole punch attempt to fail", DEADLINE, || {
+        let logs = format!("{}{}", a.log(), b.log());
+        async move { logs.contains("hole punch failed").then_some(()) }
+    })
+    .await;
+    // After the failed upgrade they are still connected, through the relay.
+    let entry = wait_peer(&a, &pb, "A still connected to B", |_| true).await;
+    assert_eq!(entry["route"], "relayed", "{entry:#}");
+    assert!(entry["address"].as_str().unwrap_or_default().contains("p2p-circuit"), "{entry:#}");
+    let entry_b = wait_peer(&b, &pa, "B still connected to A", |_| true).await;
+    assert_eq!(entry_b["route"], "relayed", "{entry_b:#}");
+    assert!(network(&public).is_some(), "the relay is still healthy");
+    eprintln!(
+        "NAT (eim/sym): hole punching failed as it must with a symmetric NAT; A and B stay connected \
+         through the relay ({}) after {:.1} s",
+        entry["address"],
+        started.elapsed().as_secs_f64()
+    );
+}
