@@ -97,6 +97,14 @@ struct RevocationSet {
     loaded: Vec<bool>,
 }
 
+impl RevocationSet {
+    /// Records that `user`'s password changed at `at` (Unix microseconds); the latest wins.
+    fn password_changed(&mut self, user: Uuid, at: i64) {
+        let entry = self.password_changed.entry(user).or_insert(at);
+        *entry = (*entry).max(at);
+    }
+}
+
 /// Checks access tokens; shared by every HTTP worker, written only by the AuthActor.
 pub struct TokenVerifier {
     decoding: DecodingKey,
@@ -224,9 +232,7 @@ impl AuthActor {
                     set.jtis.insert(jti, exp.timestamp());
                 }
                 for (user, at) in changed {
-                    let at = at.timestamp_micros();
-                    let entry = set.password_changed.entry(user).or_insert(at);
-                    *entry = (*entry).max(at);
+                    set.password_changed(user, at.timestamp_micros());
                 }
                 if let Some(flag) = set.loaded.get_mut(shard) {
                     *flag = true;
@@ -263,8 +269,8 @@ impl Actor for AuthActor {
             let shards = act.shards.clone();
             ctx.spawn(
                 async move {
-                    for shard in 0..shards.len() {
-                        if let Ok(pruned @ 1..) = shards.ask(shard, PruneRevocations {}).await {
+                    for (shard, pruned) in shards.each(|_| PruneRevocations {}).await.into_iter().enumerate() {
+                        if let Ok(pruned @ 1..) = pruned {
                             info!("expired token revocations pruned"; "shard" => shard, "count" => pruned);
                         }
                     }
@@ -403,11 +409,7 @@ pub struct PasswordChanged {
 impl Handler<PasswordChanged> for AuthActor {
     type Result = ();
     fn handle(&mut self, msg: PasswordChanged, _: &mut Self::Context) {
-        let at = msg.at.timestamp_micros();
-        let mut set = self.verifier.write();
-        let entry = set.password_changed.entry(msg.user_id).or_insert(at);
-        *entry = (*entry).max(at);
-        drop(set);
+        self.verifier.write().password_changed(msg.user_id, msg.at.timestamp_micros());
         info!("password changed; older tokens refused"; "user_id" => %msg.user_id);
     }
 }

@@ -52,14 +52,9 @@ impl ControlActor {
         shards: Shards,
         keys: Addr<KeyActor>,
         peer: Addr<PeerActor>,
+        recommender: Addr<RecommendActor>,
     ) -> Self {
-        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys, peer, recommender: None } }
-    }
-
-    /// Lets the CLI start recommendation runs and follow them.
-    pub fn with_recommender(mut self, recommender: Addr<RecommendActor>) -> Self {
-        self.handler.recommender = Some(recommender);
-        self
+        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys, peer, recommender } }
     }
 }
 
@@ -148,7 +143,7 @@ struct RequestHandler {
     supervisor: Addr<NodeSupervisor>,
     shards: Shards,
     keys: Addr<KeyActor>,
-    recommender: Option<Addr<RecommendActor>>,
+    recommender: Addr<RecommendActor>,
     peer: Addr<PeerActor>,
 }
 
@@ -179,10 +174,10 @@ impl RequestHandler {
             Request::KeysRotate => json(self.keys.send(Rotate).await??),
             Request::KeysStatus => json(self.keys.send(GetKeyStatus).await??),
             Request::RecommendRun => {
-                let generation = self.recommender()?.send(StartRun).await?;
+                let generation = self.recommender.send(StartRun).await?;
                 Ok(serde_json::json!({ "generation": generation }))
             }
-            Request::RecommendStatus => json(self.recommender()?.send(GetRecommendStatus).await?),
+            Request::RecommendStatus => json(self.recommender.send(GetRecommendStatus).await?),
             Request::NetworkPeers => json(self.peer.send(GetNetwork).await??.peers),
             Request::FindPeer { peer_id } => {
                 let peer_id = peer_id
@@ -192,10 +187,6 @@ impl RequestHandler {
                 json(self.peer.send(FindPeer(peer_id)).await??)
             }
         }
-    }
-
-    fn recommender(&self) -> Result<&Addr<RecommendActor>, ApiError> {
-        self.recommender.as_ref().ok_or_else(|| ApiError::Unavailable("recommendations are not running".into()))
     }
 }
 

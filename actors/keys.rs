@@ -98,20 +98,9 @@ impl KeyActor {
                     f(p);
                 }
             };
-            for shard in 0..shards.len() {
-                let old: u64 = loop {
-                    match shards.ask(shard, KeyUsage {}).await {
-                        Ok(usage) => {
-                            break usage.iter().filter(|(k, _)| *k != target_key).map(|(_, n)| *n as u64).sum();
-                        }
-                        Err(e) => {
-                            update(&|p| p.last_error = Some(format!("shard {shard}: {e}")));
-                            tokio::time::sleep(RETRY).await;
-                        }
-                    }
-                };
-                update(&|p| p.total += old);
-            }
+            let total =
+                rows_left_retrying(&shards, target_key, |e| update(&|p| p.last_error = Some(e.to_string()))).await;
+            update(&|p| p.total = total);
             info!("re-sealing rows under older keys"; "target_key" => target_key);
             for shard in 0..shards.len() {
                 loop {
@@ -141,14 +130,7 @@ impl Actor for KeyActor {
     /// Resumes a rotation an earlier run left unfinished, once every shard answers.
     fn started(&mut self, ctx: &mut Self::Context) {
         let (shards, current) = (self.shards.clone(), self.keys.get().current());
-        let left = async move {
-            loop {
-                match rows_left(shards.clone(), current).await {
-                    Ok(left) => break left,
-                    Err(_) => tokio::time::sleep(RETRY).await,
-                }
-            }
-        };
+        let left = async move { rows_left_retrying(&shards, current, |_| {}).await };
         ctx.spawn(left.into_actor(self).map(|left, act, _| {
             if left > 0 {
                 info!("resuming an unfinished key rotation"; "rows_left" => left);
@@ -159,13 +141,25 @@ impl Actor for KeyActor {
 }
 
 /// Rows on every shard sealed under another key than `current`.
-async fn rows_left(shards: Shards, current: i32) -> Result<i64, ApiError> {
+async fn rows_left(shards: &Shards, current: i32) -> Result<u64, ApiError> {
     let mut left = 0;
-    for shard in 0..shards.len() {
-        let usage = shards.ask(shard, KeyUsage {}).await?;
-        left += usage.iter().filter(|(k, _)| *k != current).map(|(_, n)| *n).sum::<i64>();
+    for usage in shards.each(|_| KeyUsage {}).await {
+        left += usage?.iter().filter(|(k, _)| *k != current).map(|(_, n)| *n as u64).sum::<u64>();
     }
     Ok(left)
+}
+
+/// `rows_left`, asked again after a pause until every shard answers; `failed` hears why not.
+async fn rows_left_retrying(shards: &Shards, current: i32, failed: impl Fn(&ApiError)) -> u64 {
+    loop {
+        match rows_left(shards, current).await {
+            Ok(left) => return left,
+            Err(e) => {
+                failed(&e);
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
 }
 
 /// Introduce a new data key and re-seal every row with it; if a rotation is unfinished,
@@ -178,7 +172,8 @@ impl Handler<Rotate> for KeyActor {
     type Result = ResponseActFuture<Self, Result<KeyStatus, ApiError>>;
 
     fn handle(&mut self, _: Rotate, _: &mut Self::Context) -> Self::Result {
-        let left = rows_left(self.shards.clone(), self.keys.get().current());
+        let (shards, current) = (self.shards.clone(), self.keys.get().current());
+        let left = async move { rows_left(&shards, current).await };
         Box::pin(left.into_actor(self).then(|left, act, _| {
             let added = match left {
                 Ok(0) if !act.running() => act.add_key().map(Some),
@@ -192,8 +187,9 @@ impl Handler<Rotate> for KeyActor {
             async move {
                 if let Some(checks) = added? {
                     // Shards that are down record the check values when they reconnect.
-                    for shard in 0..shards.len() {
-                        if let Err(e) = shards.ask(shard, RegisterKeys { checks: checks.clone() }).await {
+                    let recorded = shards.each(|_| RegisterKeys { checks: checks.clone() }).await;
+                    for (shard, recorded) in recorded.into_iter().enumerate() {
+                        if let Err(e) = recorded {
                             warn!("cannot record the new key's check value yet"; "shard" => shard, "error" => %e);
                         }
                     }
@@ -222,8 +218,8 @@ impl KeyActor {
         let (shards, key_file, reseal) = (self.shards.clone(), self.key_file.clone(), self.progress());
         async move {
             let mut rows = std::collections::BTreeMap::<i32, i64>::new();
-            for shard in 0..shards.len() {
-                for (key, n) in shards.ask(shard, KeyUsage {}).await? {
+            for usage in shards.each(|_| KeyUsage {}).await {
+                for (key, n) in usage? {
                     *rows.entry(key).or_default() += n;
                 }
             }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use futures_util::future::join_all;
+use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use slog_scope::{info, warn};
 use utoipa::ToSchema;
@@ -218,9 +218,12 @@ impl RecommendActor {
         let shards = self.shards.clone();
         let load = async move { shards.each(|_| RecoState {}).await };
         ctx.spawn(load.into_actor(self).map(move |states, act, ctx| {
-            if states.iter().any(Result::is_err) && attempts > 1 {
-                ctx.run_later(LOAD_RETRY, move |act, ctx| act.load_last_run(ctx, attempts - 1));
-                return;
+            if states.iter().any(Result::is_err) {
+                if attempts > 1 {
+                    ctx.run_later(LOAD_RETRY, move |act, ctx| act.load_last_run(ctx, attempts - 1));
+                    return;
+                }
+                warn!("could not learn the last recommendation run from every shard; status shows what answered");
             }
             let served = states.into_iter().filter_map(|s| s.ok().flatten()).max_by_key(|r| r.generation);
             if let (None, Some(r)) = (&act.last_run, served) {
@@ -280,10 +283,11 @@ async fn run_batch(
     // 2. Compute, off the actor threads.
     set_phase(&progress, Phase::Computing, 2 * n);
     let (k, params) = (settings.k, settings.params.clone());
-    let features: Vec<UserFeatures> = people
-        .iter()
-        .map(|p| UserFeatures { id: p.user_id, skills: p.skills.clone(), interests: p.interests.clone() })
-        .collect();
+    // Split by move: the labels go to the model, ids and names stay for the rows.
+    let (features, people): (Vec<UserFeatures>, Vec<(Uuid, String)>) = people
+        .into_iter()
+        .map(|p| (UserFeatures { id: p.user_id, skills: p.skills, interests: p.interests }, (p.user_id, p.username)))
+        .unzip();
     let p = progress.clone();
     let computed = tokio::task::spawn_blocking(move || {
         let model = Model::build(&features, &params);
@@ -300,10 +304,11 @@ async fn run_batch(
     // 3. Write every shard's rows under the new generation (not served yet).
     set_phase(&progress, Phase::Writing, n);
     let mut by_shard = vec![Vec::new(); shards.len()];
-    for (i, p) in people.iter().enumerate() {
-        by_shard[shards.shard_of(&p.user_id)].push(i as u32);
+    for (i, (id, _)) in people.iter().enumerate() {
+        by_shard[shards.shard_of(id)].push(i as u32);
     }
-    let writes = join_all(by_shard.into_iter().enumerate().map(|(s, users)| {
+    // The first failing shard ends the run: the other shards stop writing rows never served.
+    try_join_all(by_shard.into_iter().enumerate().map(|(s, users)| {
         let (shards, computed, people, progress) = (shards.clone(), computed.clone(), people.clone(), progress.clone());
         async move {
             for batch in users.chunks(WRITE_BATCH_USERS) {
@@ -322,8 +327,7 @@ async fn run_batch(
             Ok::<_, String>(())
         }
     }))
-    .await;
-    writes.into_iter().collect::<Result<Vec<()>, String>>()?;
+    .await?;
 
     // 4. Flip every shard to the new generation.
     set_phase(&progress, Phase::Activating, shards.len());
@@ -351,25 +355,26 @@ async fn run_batch(
     Ok(LastRun { generation, finished_at, users: n as u64, duration_ms })
 }
 
-/// The stored rows of the users `batch` (indices into `people`, the model's order).
+/// The stored rows of the users `batch` (indices into `people`: ids and usernames in the
+/// model's order).
 fn rows_of(
     model: &Model,
     tops: &[Vec<Vec<crate::similarity::Match>>],
-    people: &[RecoInput],
+    people: &[(Uuid, String)],
     batch: &[u32],
 ) -> Vec<RecoRow> {
     let mut rows = Vec::new();
     for &u in batch {
         for (mode, top) in Mode::ALL.iter().zip(tops) {
-            let Some(matches) = top.get(u as usize) else { continue };
+            let (Some(matches), Some((user_id, _))) = (top.get(u as usize), people.get(u as usize)) else { continue };
             for (rank, m) in matches.iter().enumerate() {
-                let Some(neighbour) = people.get(m.user as usize) else { continue };
+                let Some((neighbour_id, username)) = people.get(m.user as usize) else { continue };
                 rows.push(RecoRow {
-                    user_id: people[u as usize].user_id,
+                    user_id: *user_id,
                     mode: *mode,
                     rank: i16::try_from(rank + 1).unwrap_or(i16::MAX),
-                    neighbour_id: neighbour.user_id,
-                    username: neighbour.username.clone(),
+                    neighbour_id: *neighbour_id,
+                    username: username.clone(),
                     score: m.score,
                     shared: model.shared(*mode, u, m.user),
                 });

@@ -63,15 +63,21 @@ pub struct NodeSupervisor {
     shards: Shards,
     hub: Addr<EventHub>,
     http: Option<Addr<HttpActor>>,
-    recommender: Option<Addr<RecommendActor>>,
-    peer: Option<Addr<PeerActor>>,
+    recommender: Addr<RecommendActor>,
+    peer: Addr<PeerActor>,
     stopping: bool,
 }
 
 impl NodeSupervisor {
     /// A supervisor over already-started children.
-    pub fn new(facts: NodeFacts, shards: Shards, hub: Addr<EventHub>) -> Self {
-        Self { facts, started: Instant::now(), shards, hub, http: None, recommender: None, peer: None, stopping: false }
+    pub fn new(
+        facts: NodeFacts,
+        shards: Shards,
+        hub: Addr<EventHub>,
+        recommender: Addr<RecommendActor>,
+        peer: Addr<PeerActor>,
+    ) -> Self {
+        Self { facts, started: Instant::now(), shards, hub, http: None, recommender, peer, stopping: false }
     }
 }
 
@@ -103,30 +109,6 @@ impl Handler<AttachHttp> for NodeSupervisor {
     }
 }
 
-/// Hands the supervisor the recommendation actor, whose state the status reports.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AttachRecommender(pub Addr<RecommendActor>);
-
-impl Handler<AttachRecommender> for NodeSupervisor {
-    type Result = ();
-    fn handle(&mut self, msg: AttachRecommender, _: &mut Self::Context) {
-        self.recommender = Some(msg.0);
-    }
-}
-
-/// Hands the supervisor the PeerActor (status asks it; shutdown disconnects it).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AttachPeer(pub Addr<PeerActor>);
-
-impl Handler<AttachPeer> for NodeSupervisor {
-    type Result = ();
-    fn handle(&mut self, msg: AttachPeer, _: &mut Self::Context) {
-        self.peer = Some(msg.0);
-    }
-}
-
 /// Asks for the node's status.
 #[derive(Message)]
 #[rtype(result = "StatusReport")]
@@ -142,16 +124,16 @@ impl Handler<GetStatus> for NodeSupervisor {
         let recommender = self.recommender.clone();
         let peer = self.peer.clone();
         Box::pin(async move {
-            let health: Vec<ShardHealth> = shards.health().await;
-            let events = hub.send(HubStats).await.ok();
-            let network = match peer {
-                Some(peer) => peer.send(GetNetwork).await.ok().and_then(Result::ok),
-                None => None,
-            };
-            let recommendations = match recommender {
-                Some(r) => r.send(GetRecommendStatus).await.ok(),
-                None => None,
-            };
+            // Asked together: a busy actor delays only its own part of the answer.
+            let (health, events, network, recommendations) = futures_util::join!(
+                shards.health(),
+                hub.send(HubStats),
+                peer.send(GetNetwork),
+                recommender.send(GetRecommendStatus)
+            );
+            let health: Vec<ShardHealth> = health;
+            let (events, network, recommendations) =
+                (events.ok(), network.ok().and_then(Result::ok), recommendations.ok());
             let ready = health.iter().all(|h| h.state == crate::actors::shard::ShardState::Up);
             StatusReport {
                 node_id: facts.node_id,
@@ -191,9 +173,7 @@ impl Handler<Shutdown> for NodeSupervisor {
                     let _ = http.send(StopServer).await;
                 }
                 // Peers see a clean close rather than a connection that times out.
-                if let Some(peer) = peer {
-                    let _ = peer.send(Disconnect).await;
-                }
+                let _ = peer.send(Disconnect).await;
                 System::current().stop();
             }
             .into_actor(self),

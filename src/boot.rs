@@ -4,8 +4,8 @@
 //!    control socket (a second node on the same directory fails here);
 //! 2. start the node's own PostgreSQL (embedded mode) and create the shard databases;
 //! 3. inside the actix System: EventHub, one supervised ShardActor per shard, AuthActor,
-//!    NodeSupervisor, RecommendActor, the HTTPS server in its HttpActor, ControlActor,
-//!    signal handlers;
+//!    RecommendActor, PeerActor, NodeSupervisor, the HTTPS server in its HttpActor,
+//!    KeyActor, ControlActor, signal handlers;
 //! 4. once every shard is up (or a deadline passes), write `<data-dir>/node.json`;
 //! 5. after the System stops: stop PostgreSQL, remove node.json and the socket.
 //!
@@ -30,7 +30,7 @@ use crate::actors::peer::{GetNetwork, PeerActor};
 use crate::actors::recommend::{RecommendActor, RecommendSettings};
 use crate::actors::shard::{KEY_CHECK_FAILED, ShardActor, ShardEnv, ShardState};
 use crate::actors::shards::Shards;
-use crate::actors::supervisor::{AttachHttp, AttachPeer, AttachRecommender, NodeFacts, NodeSupervisor, Shutdown};
+use crate::actors::supervisor::{AttachHttp, NodeFacts, NodeSupervisor, Shutdown};
 use crate::api::AppState;
 use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
@@ -232,7 +232,6 @@ async fn start(
         Storage::Urls(_) => "external",
     };
     let facts = NodeFacts { node_id: node_id.clone(), api_url: api_url.clone(), storage: storage.into() };
-    let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone()).start();
     let recommend_settings = RecommendSettings {
         interval: config.recommend_interval,
         k: config.recommend_k,
@@ -242,12 +241,11 @@ async fn start(
         },
     };
     let recommender = RecommendActor::new(shards.clone(), recommend_settings).start();
-    supervisor.do_send(AttachRecommender(recommender.clone()));
     let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
     let peer = PeerActor::new(key, config.p2p.clone()).context("cannot start the peer-to-peer network")?;
     let peer_id = peer.peer_id().to_string();
     let peer = Supervisor::start(move |_| peer);
-    supervisor.do_send(AttachPeer(peer.clone()));
+    let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone(), recommender.clone(), peer.clone()).start();
     let state = AppState {
         shards: shards.clone(),
         auth,
@@ -273,13 +271,12 @@ async fn start(
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
     let key_actor = KeyActor::new(keys.clone(), config.key_file.clone(), shards.clone(), config.reseal_batch).start();
-    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor, peer.clone())
-        .with_recommender(recommender)
-        .start();
+    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor, peer.clone(), recommender).start();
     watch_signals(supervisor.clone());
 
     // Ready: wait for the shards, then tell the world where we are.
     let deadline = Instant::now() + READY_DEADLINE;
+    let mut network;
     loop {
         let health = shards.health().await;
         if let Some(fatal) =
@@ -292,8 +289,9 @@ async fn start(
             anyhow::bail!("{fatal} (key file: {})", config.key_file.display());
         }
         let auth_ready = tokens.is_ready();
-        let network = peer.send(GetNetwork).await.ok().and_then(Result::ok).filter(|n| n.listening);
-        if auth_ready && network.is_some() && health.iter().all(|h| h.state == ShardState::Up) {
+        network = peer.send(GetNetwork).await.ok().and_then(Result::ok);
+        let listening = network.as_ref().is_some_and(|n| n.listening);
+        if auth_ready && listening && health.iter().all(|h| h.state == ShardState::Up) {
             // A prepared transaction found now was almost surely left by an earlier run:
             // this one has not announced itself (node.json comes next). Settle it at once
             // rather than after 30 s; were a write of this run caught, `Decide` makes it
@@ -305,15 +303,13 @@ async fn start(
             break;
         }
         if Instant::now() > deadline {
-            warn!("not every shard is up; reporting ready anyway"; "shards" => format!("{health:?}"));
+            warn!("not every shard is up, or the network not listening; reporting ready anyway";
+                  "shards" => format!("{health:?}"), "network_listening" => listening);
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let p2p_addrs = match peer.send(GetNetwork).await {
-        Ok(Ok(network)) => network.listen_addrs,
-        _ => Vec::new(),
-    };
+    let p2p_addrs = network.map(|n| n.listen_addrs).unwrap_or_default();
     let info = NodeInfo {
         pid: std::process::id(),
         node_id,

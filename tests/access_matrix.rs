@@ -134,10 +134,7 @@ async fn fixture(node: &Node) -> Fixture {
     // Expired an hour ago: far beyond the node's leeway of a few seconds.
     let expired = signed_token(&key, owner.id, now - 7200, now - 3600);
 
-    let revoked = node.login(&owner.username, PASSWORD).await.json::<Value>().await.unwrap()["access_token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let revoked = node.token(&owner.username, PASSWORD).await;
     let res = node.client.post(node.url("/api/v1/auth/logout")).bearer_auth(&revoked).send().await.unwrap();
     assert_eq!(res.status(), 204, "log out the token to revoke");
 

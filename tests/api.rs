@@ -329,14 +329,7 @@ async fn usernames_move_atomically_across_shards() {
     assert_eq!(node.login("user0", PASSWORD).await.status(), 401);
     // The old name and email are free again; the new ones are taken.
     assert_eq!(node.register("user0").await.status(), 201);
-    let res = node
-        .client
-        .post(node.url("/api/v1/users"))
-        .json(&json!({ "username": "Renamed", "email": "x@example.org", "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
-    problem(res, 409).await;
+    problem(node.register_as("Renamed", "x@example.org").await, 409).await;
     // Taking someone else's name is refused and changes nothing.
     let res = node
         .req(Method::PUT, &format!("/api/v1/users/{}", users[1].id), &users[1])

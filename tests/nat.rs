@@ -178,8 +178,12 @@ async fn two_nodes_behind_endpoint_independent_nats_connect_directly() {
     assert!(!address.contains("p2p-circuit"), "direct means not through the relay: {entry:#}");
     assert!(address.contains("198.18.0.102"), "B's NAT's public address: {entry:#}");
     wait_peer(&b, &pa, "B to see the direct connection", |p| p["route"] == "direct").await;
-    let logs = format!("{}{}", a.log(), b.log());
-    assert!(logs.contains("hole punch succeeded"), "DCUtR did the upgrade");
+    // The log is written asynchronously: wait for the line rather than race it.
+    wait_for("DCUtR to log the upgrade", DEADLINE, || {
+        let logs = format!("{}{}", a.log(), b.log());
+        async move { logs.contains("hole punch succeeded").then_some(()) }
+    })
+    .await;
 
     let public_report = wait_for("the public node to be public by AutoNAT", DEADLINE, || {
         let r = network(&public).filter(|n| n["nat_status"] == "public");

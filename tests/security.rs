@@ -63,13 +63,7 @@ async fn emails_are_sealed_at_rest_and_looked_up_by_blind_index() {
     let keys = common::keyring(&node.dir);
     let index = keys.blind_index("email", "ada.lovelace@example.org");
     assert!(rows.iter().any(|r| r.starts_with("directory:") && r.contains(&index)), "blind index in the directory");
-    let res = node
-        .client
-        .post(node.url("/api/v1/users"))
-        .json(&json!({ "username": "impostor", "email": "ADA.LOVELACE@example.org", "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
+    let res = node.register_as("impostor", "ADA.LOVELACE@example.org").await;
     assert_eq!(res.status(), 409, "a taken email is found by its blind index");
 
     // The owner still reads their email; nobody else does; no hash ever leaves.
@@ -118,9 +112,7 @@ async fn a_lost_or_exposed_key_file_stops_the_node_instead_of_being_replaced() {
     // With the key restored, everything is readable again.
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
     let node = Node::start_in(&dir, &[]).await;
-    let res = node.login("ada", PASSWORD).await;
-    let token = res.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
-    let ada = TestUser { token, ..ada };
+    let ada = TestUser { token: node.token("ada", PASSWORD).await, ..ada };
     let (status, me) =
         status_of(node.req(Method::GET, &format!("/api/v1/users/{}", ada.id), &ada).send().await.unwrap()).await;
     assert_eq!((status.as_u16(), me["email"].as_str()), (200, Some("ada@example.org")));
@@ -207,14 +199,7 @@ async fn key_rotation_reseals_every_row_while_serving_and_resumes_after_a_crash(
         status_of(node.req(Method::GET, &format!("/api/v1/users/{}", me.id), &me).send().await.unwrap()).await;
     assert_eq!((status.as_u16(), body["email"].as_str()), (200, Some("during@example.org")));
     assert_eq!(node.register("w3u7x").await.status(), 201);
-    let dup = node
-        .client
-        .post(node.url("/api/v1/users"))
-        .json(&json!({ "username": "again", "email": "w5u2@example.org", "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(dup.status(), 409);
+    assert_eq!(node.register_as("again", "w5u2@example.org").await.status(), 409);
     drop(node);
     drop(temp);
 }
@@ -223,9 +208,7 @@ async fn key_rotation_reseals_every_row_while_serving_and_resumes_after_a_crash(
 async fn a_password_change_ends_every_older_token() {
     let mut node = Node::start(&[]).await;
     let ada = node.user("ada").await;
-    let second =
-        node.login("ada", PASSWORD).await.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
-    let other_tab = TestUser { token: second, ..ada.clone() };
+    let other_tab = TestUser { token: node.token("ada", PASSWORD).await, ..ada.clone() };
     let me = format!("/api/v1/users/{}", ada.id);
     let res =
         node.req(Method::PUT, &me, &ada).json(&json!({ "password": "a much newer passphrase" })).send().await.unwrap();
@@ -235,12 +218,7 @@ async fn a_password_change_ends_every_older_token() {
         assert_eq!(res.status(), 401, "a token from before the change is refused at once");
     }
     assert_eq!(node.login("ada", PASSWORD).await.status(), 401, "the old password is gone");
-    let fresh = node.login("ada", "a much newer passphrase").await;
-    assert_eq!(fresh.status(), 200);
-    let fresh = TestUser {
-        token: fresh.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().into(),
-        ..ada.clone()
-    };
+    let fresh = TestUser { token: node.token("ada", "a much newer passphrase").await, ..ada.clone() };
     assert_eq!(node.req(Method::GET, &me, &fresh).send().await.unwrap().status(), 200);
 
     // Also after a restart: the change is read back from the shards.

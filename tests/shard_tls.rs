@@ -7,10 +7,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use common::{Node, PgGuard, binary, wait_for};
+use common::{Node, PgGuard, wait_for};
 use cosmicsync::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use reqwest::Method;
@@ -154,37 +154,16 @@ fn shard_error_report(dir: &Path, child: &mut Child, needle: &str) -> Option<Val
     if let Some(status) = child.try_wait().unwrap() {
         panic!("node exited ({status}); log:\n{}", std::fs::read_to_string(dir.join("test-node.log")).unwrap());
     }
-    let out = Command::new(binary()).arg("--data-dir").arg(dir).args(["status", "--json"]).output().unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let report: Value = serde_json::from_str(&common::cli(dir, &["status", "--json"]).stdout).ok()?;
     let shards = report["shards"].as_array()?;
     shards.iter().any(|s| s["last_error"].as_str().is_some_and(|e| e.contains(needle))).then_some(report)
 }
 
-/// Runs `cosmicsync start` with `args` to its exit (killing it after a deadline); returns
-/// the exit code and stderr.
+/// Runs `cosmicsync start` with `args` to its exit; returns the exit code and stderr.
 fn start_to_exit(args: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(binary())
-        .arg("--data-dir")
-        .arg(dir.path())
-        .arg("start")
-        .args(common::FAST)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let run = common::cli(dir.path(), &[&["start"][..], common::FAST, args].concat());
+    (run.code, run.stderr)
 }
 
 async fn assert_serves(node: &Node, username: &str) {

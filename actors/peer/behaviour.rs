@@ -15,6 +15,10 @@ use libp2p::{Swarm, autonat, connection_limits, dcutr, identify, kad, mdns, ping
 
 use crate::p2p::config::{KadMode, P2pConfig};
 
+/// How long a Kademlia query may run: a lookup answers "not found" after this, well inside
+/// the CLI's request timeout.
+pub const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The identify protocol version we announce; informational for other implementations.
 pub const IDENTIFY_PROTOCOL: &str = "/cosmicsync/id/1.0.0";
 
@@ -106,7 +110,7 @@ fn behaviour(
 
     let mut kad_config = kad::Config::new(config.kad_protocol.clone());
     kad_config.set_periodic_bootstrap_interval(Some(config.kad_refresh));
-    kad_config.set_query_timeout(Duration::from_secs(30));
+    kad_config.set_query_timeout(KAD_QUERY_TIMEOUT);
     let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     match config.kad_mode {
         KadMode::Auto => kad.set_mode(None),

@@ -466,9 +466,8 @@ impl EventLoop {
     }
 
     fn report(&mut self) -> NetworkReport {
-        let relayed: Vec<&Multiaddr> = self.reservations.values().flat_map(|r| r.relayed_addrs.iter()).collect();
-        let listen_addrs =
-            self.swarm.listeners().filter(|a| !relayed.contains(a) && !is_relayed(a)).map(|a| a.to_string()).collect();
+        // Relayed addresses (from reservations) are listed as such, not as listen addresses.
+        let listen_addrs = self.swarm.listeners().filter(|a| !is_relayed(a)).map(|a| a.to_string()).collect();
         let external: Vec<String> = self.swarm.external_addresses().map(|a| a.to_string()).collect();
         let relay_service = self.config.relay.max_reservations > 0 && !external.is_empty();
         let mut peers: Vec<PeerReport> = self

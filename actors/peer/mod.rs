@@ -31,9 +31,9 @@ use crate::p2p::config::P2pConfig;
 use crate::problem::ApiError;
 
 /// How long a question to the event loop may take before the caller gets an error. A DHT
-/// lookup has its own (longer) limit: the Kademlia query timeout.
+/// lookup has its own (longer) limit: the Kademlia query timeout and a margin for the answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(40);
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(behaviour::KAD_QUERY_TIMEOUT.as_secs() + 5);
 
 /// Pause before a failed network start is retried (through a Supervisor restart).
 const RESTART_BACKOFF: Duration = Duration::from_secs(2);
@@ -143,12 +143,13 @@ impl PeerActor {
         async move {
             let commands = commands.ok_or(PeerError::Unavailable)?;
             let (tx, rx) = oneshot::channel();
-            commands.send(make(tx)).await.map_err(|_| PeerError::Unavailable)?;
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(_)) => Err(PeerError::Unavailable),
-                Err(_) => Err(PeerError::Timeout),
-            }
+            // Queueing the command counts too: a stalled loop with a full queue must not
+            // hold the caller past the limit.
+            let asked = async {
+                commands.send(make(tx)).await.map_err(|_| PeerError::Unavailable)?;
+                rx.await.map_err(|_| PeerError::Unavailable)
+            };
+            tokio::time::timeout(timeout, asked).await.map_err(|_| PeerError::Timeout)?
         }
     }
 }
@@ -195,6 +196,7 @@ impl Actor for PeerActor {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.commands = None;
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -204,10 +206,6 @@ impl Actor for PeerActor {
 impl Supervised for PeerActor {
     fn restarting(&mut self, _: &mut Self::Context) {
         self.restarts += 1;
-        self.commands = None;
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
         warn!("actor restarting";
               "actor" => "PeerActor",
               "reason" => self.last_error.as_deref().unwrap_or("unknown"),

@@ -889,6 +889,11 @@ impl Db {
     }
 }
 
+/// A served run from columns 0-4 (generation, computed_at, users, duration_ms, k).
+fn run_record(r: &Row) -> RunRecord {
+    RunRecord { generation: r.get(0), computed_at: r.get(1), users: r.get(2), duration_ms: r.get(3), k: r.get(4) }
+}
+
 /// Checks that `keys` holds every key this shard has data or index entries under, then
 /// records the keyring's own check values. Run on every connect, before serving.
 pub async fn check_keys(client: &Client, keys: &Keyring) -> Result<(), String> {
@@ -981,10 +986,9 @@ impl Db {
             .map_err(|e| self.fail(e))
     }
 
-    /// Writes one batch of a generation's rows in one transaction (not yet served).
+    /// Writes one batch of a generation's rows in one statement, so all or none (not yet served).
     pub async fn reco_write(&self, generation: i64, rows: Vec<RecoRow>) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = self.begin(&mut client).await?;
+        let client = self.client().await?;
         let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in rows {
             cols.0.push(r.user_id);
@@ -995,15 +999,16 @@ impl Db {
             cols.5.push(r.score);
             cols.6.push(to_json(&r.shared));
         }
-        tx.execute(
-            "INSERT INTO recommendations (generation, user_id, mode, rank, neighbour_id, username, score, shared)
-             SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::smallint[], $5::uuid[], $6::text[],
-                                      $7::float8[], $8::jsonb[])",
-            &[&generation, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6],
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
-        tx.commit().await.map_err(|e| self.fail(e))
+        client
+            .execute(
+                "INSERT INTO recommendations (generation, user_id, mode, rank, neighbour_id, username, score, shared)
+                 SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::smallint[], $5::uuid[], $6::text[],
+                                          $7::float8[], $8::jsonb[])",
+                &[&generation, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(())
     }
 
     /// Makes `run` the generation this shard serves, then drops the older rows.
@@ -1018,11 +1023,12 @@ impl Db {
             )
             .await
             .map_err(|e| self.fail(e))?;
-        // Served from now on is `run`; the rest is garbage, removed outside the flip.
-        client
-            .execute("DELETE FROM recommendations WHERE generation <> $1", &[&run.generation])
-            .await
-            .map_err(|e| self.fail(e))?;
+        // Served from now on is `run`: the flip succeeded whatever the clean-up does, and
+        // what it leaves the next run's read step removes.
+        if let Err(e) = self.reco_discard_stale().await {
+            slog_scope::warn!("older recommendations not deleted yet; the next run removes them";
+                "shard" => self.shard, "error" => %e);
+        }
         Ok(())
     }
 
@@ -1033,13 +1039,7 @@ impl Db {
             .query_opt("SELECT generation, computed_at, users, duration_ms, k FROM recommendation_state", &[])
             .await
             .map_err(|e| self.fail(e))?;
-        Ok(row.map(|r| RunRecord {
-            generation: r.get(0),
-            computed_at: r.get(1),
-            users: r.get(2),
-            duration_ms: r.get(3),
-            k: r.get(4),
-        }))
+        Ok(row.as_ref().map(run_record))
     }
 
     /// A user's served recommendations in one mode, best first, at most `limit`, with the
@@ -1067,13 +1067,7 @@ impl Db {
             .await
             .map_err(|e| self.fail(e))?;
         let Some(first) = rows.first() else { return Ok(None) };
-        let run = RunRecord {
-            generation: first.get(0),
-            computed_at: first.get(1),
-            users: first.get(2),
-            duration_ms: first.get(3),
-            k: first.get(4),
-        };
+        let run = run_record(first);
         let mut found = Vec::with_capacity(rows.len());
         for r in rows.iter().filter(|r| r.get::<_, Option<i16>>(5).is_some()) {
             found.push(RecoRow {

@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::projects::ListParams;
-use super::{profiles, projects, users};
+use super::{profiles, projects, session, users};
 use crate::model::{LoginRequest, NewProject, NewUser, ProfileUpdate, ProjectUpdate, UserUpdate};
 use crate::problem::ApiError;
-use crate::validate::{self, limits};
+use crate::validate::limits;
 
 /// The strings an accepted body would store, by field (answered as JSON so the
 /// properties can check them).
@@ -59,10 +59,9 @@ async fn project_update(body: web::Json<ProjectUpdate>) -> Result<HttpResponse, 
 }
 
 async fn login(body: web::Json<LoginRequest>) -> HttpResponse {
-    let LoginRequest { username, password } = body.into_inner();
-    // Only the name reaches storage; the handler refuses a name registration would refuse.
-    let username = validate::username(&username).ok();
-    drop(password);
+    // Only the name reaches storage, and only past the handler's own check.
+    let login = body.into_inner();
+    let username = session::precheck(&login).ok().map(|()| login.username);
     accepted(vec![("username", username)], vec![])
 }
 
@@ -72,10 +71,8 @@ async fn by_id(id: web::Path<Uuid>) -> HttpResponse {
 
 async fn list(params: web::Query<ListParams>) -> Result<HttpResponse, ApiError> {
     let ListParams { creator_id, limit, cursor } = params.into_inner();
-    let limit = validate::page_limit(limit).map_err(super::bad)?;
-    let cursor =
-        cursor.map(|c| Uuid::parse_str(&c).map_err(|_| super::bad("cursor is malformed".into()))).transpose()?;
-    Ok(HttpResponse::Ok().json(json!({ "creator_id": creator_id, "limit": limit, "cursor": cursor })))
+    let q = projects::page_query(creator_id, cursor, limit)?;
+    Ok(HttpResponse::Ok().json(json!({ "creator_id": q.creator, "limit": q.limit, "cursor": q.before })))
 }
 
 /// The body routes: path, and which fields are multi-line text.

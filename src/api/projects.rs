@@ -140,15 +140,26 @@ pub async fn list_page(
     cursor: Option<String>,
     limit: Option<usize>,
 ) -> Result<ProjectPage, ApiError> {
+    let query = page_query(creator, cursor, limit)?;
+    let limit = query.limit;
+    let items = shards.list_projects(query).await?;
+    let next_cursor = (items.len() == limit).then(|| items.last().map(|p| p.id.to_string())).flatten();
+    Ok(ProjectPage { items, next_cursor })
+}
+
+/// Checks a page request: the limit within bounds, the cursor a project id.
+pub fn page_query(
+    creator: Option<Uuid>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+) -> Result<ProjectQuery, ApiError> {
     let limit = validate::page_limit(limit).map_err(bad)?;
     let before = cursor
         .map(|c| {
             Uuid::parse_str(&c).map_err(|_| bad("cursor is malformed; pass next_cursor from the previous page".into()))
         })
         .transpose()?;
-    let items = shards.list_projects(ProjectQuery { creator, before, limit }).await?;
-    let next_cursor = (items.len() == limit).then(|| items.last().map(|p| p.id.to_string())).flatten();
-    Ok(ProjectPage { items, next_cursor })
+    Ok(ProjectQuery { creator, before, limit })
 }
 
 /// List projects, newest first, optionally of one creator.

@@ -20,16 +20,22 @@ pub async fn login(
     req: HttpRequest,
     body: web::Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let LoginRequest { username, password } = body.into_inner();
-    // A name registration would refuse (too long, a NUL PostgreSQL cannot take, ...) or
-    // an oversized password cannot match any account; refuse them before any work is done.
-    if crate::validate::username(&username).is_err() || password.len() > 1024 {
-        return Err(ApiError::Unauthorized("invalid username or password".into()));
-    }
+    let body = body.into_inner();
+    precheck(&body)?;
+    let LoginRequest { username, password } = body;
     // The TCP peer: forwarded-for headers are not trusted (the node faces clients itself).
     let client = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let token = state.auth.send(Login { username, password, client }).await??;
     Ok(HttpResponse::Ok().insert_header(("Cache-Control", "no-store")).json(token))
+}
+
+/// Refuses, before any work, a login that cannot match an account: a name registration
+/// would refuse (too long, a NUL PostgreSQL cannot take, ...) or an oversized password.
+pub fn precheck(login: &LoginRequest) -> Result<(), ApiError> {
+    if crate::validate::username(&login.username).is_err() || login.password.len() > 1024 {
+        return Err(ApiError::Unauthorized("invalid username or password".into()));
+    }
+    Ok(())
 }
 
 /// Log out: the token used for this request is revoked, also across restarts.

@@ -234,7 +234,9 @@ impl Conn {
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         // After a long write, one ping is enough, not a burst of the missed ones.
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
+        // One timer for the session, pushed back by every frame (not a new one per event).
+        let idle = sleep_until(Instant::now() + IDLE_TIMEOUT);
+        tokio::pin!(idle);
         loop {
             // Biased: the expiry first; the client's frames before the heartbeat deadline
             // (a pong already received counts); changes last, so a flood of them never
@@ -243,12 +245,12 @@ impl Conn {
                 biased;
                 _ = &mut expiry => return Err(close(CloseCode::Policy, "token expired")),
                 frame = stream.recv() => {
-                    last_heard = Instant::now();
+                    idle.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
                     if let Some(text) = self.frame(frame).await? {
                         self.on_text(&text, caller).await?;
                     }
                 }
-                _ = sleep_until(last_heard + IDLE_TIMEOUT) => {
+                _ = &mut idle => {
                     return Err(close(CloseCode::Policy, "heartbeat timeout: no pong or message for 45 s"));
                 }
                 _ = ping.tick() => self.control(None).await?,

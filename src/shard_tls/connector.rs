@@ -41,26 +41,23 @@ pub fn connector(tls: &ShardTls) -> Result<MakeRustlsConnect, CaFileError> {
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| CaFileError::Tls(e.to_string()))?;
-    let roots = match (&tls.ca_file, tls.mode) {
-        (Some(path), TlsMode::VerifyCa | TlsMode::VerifyFull) => load_roots(path)?,
-        // Off: never used. Require: nothing to verify against.
-        _ => RootCertStore::empty(),
+    // The config layer guarantees a CA file for the verifying modes; without one the trust
+    // store is empty and every server is refused.
+    let roots = || tls.ca_file.as_deref().map_or_else(|| Ok(RootCertStore::empty()), load_roots);
+    let lenient = |chain| {
+        let verifier = Arc::new(Lenient { chain, provider: provider.clone() });
+        builder.clone().dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
     };
     let mut config = match tls.mode {
-        // An empty trust store: were this connector ever used, it would refuse every server.
-        TlsMode::Off | TlsMode::VerifyFull => builder.with_root_certificates(roots).with_no_client_auth(),
-        TlsMode::VerifyCa | TlsMode::Require => {
-            let chain = match tls.mode {
-                TlsMode::VerifyCa => Some(
-                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .build()
-                        .map_err(|e| CaFileError::Tls(e.to_string()))?,
-                ),
-                _ => None,
-            };
-            let verifier = Arc::new(Lenient { chain, provider });
-            builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
-        }
+        TlsMode::VerifyFull => builder.clone().with_root_certificates(roots()?).with_no_client_auth(),
+        TlsMode::VerifyCa => lenient(Some(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots()?), provider.clone())
+                .build()
+                .map_err(|e| CaFileError::Tls(e.to_string()))?,
+        )),
+        TlsMode::Require => lenient(None),
+        // Never used for a Unix socket; an empty trust store would refuse every server.
+        TlsMode::Off => builder.clone().with_root_certificates(RootCertStore::empty()).with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(MakeRustlsConnect::new(config))

@@ -170,9 +170,14 @@ impl Node {
 
     /// Registers `username` (email `<username>@example.org`); returns the response body.
     pub async fn register(&self, username: &str) -> reqwest::Response {
+        self.register_as(username, &format!("{username}@example.org")).await
+    }
+
+    /// Registers `username` with `email`; returns the response.
+    pub async fn register_as(&self, username: &str, email: &str) -> reqwest::Response {
         self.client
             .post(self.url("/api/v1/users"))
-            .json(&json!({ "username": username, "email": format!("{username}@example.org"), "password": PASSWORD }))
+            .json(&json!({ "username": username, "email": email, "password": PASSWORD }))
             .send()
             .await
             .expect("register request")
@@ -188,19 +193,24 @@ impl Node {
             .expect("login request")
     }
 
+    /// Logs in, expecting success; returns the access token.
+    pub async fn token(&self, username: &str, password: &str) -> String {
+        let res = self.login(username, password).await;
+        assert_eq!(res.status(), 200, "login {username}");
+        let token: Value = res.json().await.expect("token body");
+        token["access_token"].as_str().expect("token").to_owned()
+    }
+
     /// Registers and logs in a user.
     pub async fn user(&self, username: &str) -> TestUser {
         let res = self.register(username).await;
         assert_eq!(res.status(), 201, "register {username}: {}", res.text().await.unwrap_or_default());
         let body: Value = res.json().await.expect("user body");
-        let res = self.login(username, PASSWORD).await;
-        assert_eq!(res.status(), 200, "login {username}");
-        let token: Value = res.json().await.expect("token body");
         TestUser {
             id: body["id"].as_str().and_then(|s| s.parse().ok()).expect("user id"),
             profile_id: body["profile_id"].as_str().and_then(|s| s.parse().ok()).expect("profile id"),
             username: username.to_owned(),
-            token: token["access_token"].as_str().expect("token").to_owned(),
+            token: self.token(username, PASSWORD).await,
         }
     }
 
