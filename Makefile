@@ -29,14 +29,16 @@ run: ensure-postgres build ## start a node with its data (and its PostgreSQL clu
 	./target/release/cosmicsync start --data-dir "$(DATA_DIR)" $(ARGS)
 
 # nextest runs each test in its own process, which keeps one test's stray cluster or
-# panic from taking others down; plain cargo test is the fallback.
+# panic from taking others down; plain cargo test is the fallback. The tests are built
+# with fail points (Cargo feature `failpoints`) so they can make parts of a node die.
+TEST_FEATURES ?= --features failpoints
 test: ensure-postgres ensure-netlab ## run all tests (cargo nextest if installed, else cargo test)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		echo '$(CARGO) nextest run --no-fail-fast'; \
-		$(CARGO) nextest run --no-fail-fast; \
+		echo '$(CARGO) nextest run --no-fail-fast $(TEST_FEATURES)'; \
+		$(CARGO) nextest run --no-fail-fast $(TEST_FEATURES); \
 	else \
-		echo '$(CARGO) test --no-fail-fast'; \
-		$(CARGO) test --no-fail-fast; \
+		echo '$(CARGO) test --no-fail-fast $(TEST_FEATURES)'; \
+		$(CARGO) test --no-fail-fast $(TEST_FEATURES); \
 	fi
 
 bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh: API, recommendation batch, 30-node p2p network)
@@ -48,6 +50,7 @@ bench-reco: ## run only the recommendation batch benchmark (tests/bench/reco.sh)
 lint: ## check formatting and run clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets $(TEST_FEATURES) -- -D warnings
 
 fmt: ## format the code
 	$(CARGO) fmt --all

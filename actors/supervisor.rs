@@ -180,3 +180,15 @@ impl Handler<Shutdown> for NodeSupervisor {
         );
     }
 }
+
+/// Whether a stop was asked for (boot stops waiting for readiness when it was).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsStopping;
+
+impl Handler<IsStopping> for NodeSupervisor {
+    type Result = bool;
+    fn handle(&mut self, _: IsStopping, _: &mut Self::Context) -> bool {
+        self.stopping
+    }
+}

@@ -30,7 +30,7 @@ use crate::actors::peer::{GetNetwork, PeerActor};
 use crate::actors::recommend::{RecommendActor, RecommendSettings};
 use crate::actors::shard::{KEY_CHECK_FAILED, ShardActor, ShardEnv, ShardState};
 use crate::actors::shards::Shards;
-use crate::actors::supervisor::{AttachHttp, NodeFacts, NodeSupervisor, Shutdown};
+use crate::actors::supervisor::{AttachHttp, IsStopping, NodeFacts, NodeSupervisor, Shutdown};
 use crate::api::AppState;
 use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
@@ -301,6 +301,12 @@ async fn start(
                 info!("settled cross-shard transactions left by the previous run"; "count" => recovered);
             }
             break;
+        }
+        // A stop asked for while waiting (a node whose shards never come up) is acted on
+        // now; the node never announces itself.
+        if supervisor.send(IsStopping).await.unwrap_or(true) {
+            info!("stopped before it was ready"; "shards" => format!("{health:?}"), "network_listening" => listening);
+            return Ok(());
         }
         if Instant::now() > deadline {
             warn!("not every shard is up, or the network not listening; reporting ready anyway";

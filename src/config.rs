@@ -237,8 +237,19 @@ pub enum ConfigError {
     Invalid { field: &'static str, message: String },
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, message: message.into() }
+}
+
+/// A list option: the flags/env values if any were given, else the file's list, else
+/// `default`; entries are trimmed and empty ones dropped.
+pub(crate) fn list(flags: &[String], file: Option<Vec<String>>, default: &[&str]) -> Vec<String> {
+    let chosen = if flags.is_empty() {
+        file.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
+    } else {
+        flags.to_vec()
+    };
+    chosen.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
 }
 
 /// Options every command shares (they locate the node).
@@ -294,9 +305,7 @@ impl NodeConfig {
             Some(a) => a,
             None => defaults::HTTP_ADDR.parse().map_err(|_| invalid("http-addr", "bad default"))?,
         };
-        let urls =
-            if args.shard_urls.is_empty() { file.shard_urls.unwrap_or_default() } else { args.shard_urls.clone() };
-        let urls: Vec<String> = urls.into_iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
+        let urls = list(&args.shard_urls, file.shard_urls, &[]);
         let shards = args.shards.or(file.shards);
         let shard_ca_file = args.shard_ca_file.clone().or(file.shard_ca_file);
         let storage = if urls.is_empty() {
@@ -349,11 +358,7 @@ impl NodeConfig {
         if !(1..=100_000).contains(&reseal_batch) {
             return Err(invalid("reseal-batch", "must be 1-100000"));
         }
-        let cors_origins = if args.cors_origins.is_empty() {
-            file.cors_origins.unwrap_or_default()
-        } else {
-            args.cors_origins.clone()
-        };
+        let cors_origins = list(&args.cors_origins, file.cors_origins, &[]);
         for origin in &cors_origins {
             let host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
             let ok = host.is_some_and(|h| !h.is_empty() && !h.contains(['/', '*', ' ', '?', '#', '@']))

@@ -14,6 +14,9 @@ use clap::Parser as _;
 fn main() -> ExitCode {
     // Usage errors and --help/--version are handled by clap (exit 2 and 0).
     let cli = cli::Cli::parse();
+    // Test builds only (`--features failpoints`): arm the fail points named in FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -184,6 +184,82 @@ async fn a_restarted_node_keeps_its_peer_id_and_rejoins() {
     drop(temp);
 }
 
+/// Lines of `node`'s log that mention both `what` and `peer`.
+fn log_lines_about(node: &Node, what: &str, peer: &str) -> usize {
+    node.log().lines().filter(|l| l.contains(what) && l.contains(peer)).count()
+}
+
+/// The network's event loop dies inside a running node (a panic injected through the
+/// `network-find-peer` fail point): the actix Supervisor restarts PeerActor with the same
+/// key on the same ports, the node rejoins through its bootstrap peer, and the rest of
+/// the node keeps serving throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_loop_that_dies_is_restarted_with_the_same_identity_and_rejoins() {
+    if !cfg!(feature = "failpoints") {
+        println!("SKIPPED: needs a build with `--features failpoints` (`make test` turns it on)");
+        return;
+    }
+    let a = start_node(None).await;
+    let pa = peer_id(&a);
+    // B's first DHT lookup panics its event loop; later ones run normally.
+    let args: Vec<String> = common::FAST
+        .iter()
+        .chain(P2P)
+        .map(|s| s.to_string())
+        .chain(["--bootstrap".into(), bootstrap_addr(&a)])
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b = Node::start_wrapped_temp(&["env", "FAILPOINTS=network-find-peer=1*panic"], &args).await;
+    let pb = peer_id(&b);
+    let c = start_node(Some(&a)).await;
+    let pc = peer_id(&c);
+    wait_connected(&b, &pa, "B to see A").await;
+    wait_connected(&a, &pb, "A to see B").await;
+    let before = network(&b);
+    assert_eq!(before["restarts"], 0, "{before:#}");
+
+    // The lookup kills the loop: the caller gets a clear error, not a hang.
+    let (code, out, err) = cli(&b.dir, &["network", "find-peer", &pc]);
+    assert_ne!(code, Some(0), "the lookup that killed the loop cannot succeed: {out}");
+    assert!(err.contains("restarting"), "{err}");
+
+    // The Supervisor brings the network back: same peer id, same ports, connected again.
+    let after = wait_for("B's network to come back", CONVERGE, || {
+        let back = ask(&b, Request::Status).map(|s| s["network"].clone()).filter(|n| {
+            n["restarts"] == 1 && n["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["peer_id"] == pa.as_str()))
+        });
+        async move { back }
+    })
+    .await;
+    assert_eq!(after["peer_id"], pb.as_str(), "the restarted network keeps the peer id");
+    assert_eq!(after["listen_addrs"], before["listen_addrs"], "and its listen addresses");
+    b.wait_log("B's log to tell why the network restarted", |l| {
+        l.contains("actor restarting") && l.contains("panicked")
+    })
+    .await;
+
+    // A saw B go and come back: the rejoin is a new connection, not a leftover one.
+    wait_for("A to see B disconnect and reconnect", CONVERGE, || {
+        let rejoined =
+            log_lines_about(&a, "peer disconnected", &pb) >= 1 && log_lines_about(&a, "peer connected", &pb) >= 2;
+        async move { rejoined.then_some(()) }
+    })
+    .await;
+
+    // C, which knows only A, finds B through the DHT again, and B answers lookups again.
+    wait_for("C to find B through the DHT", CONVERGE, || {
+        let (code, out, _) = cli(&c.dir, &["network", "find-peer", &pb]);
+        async move { (code == Some(0)).then_some(out) }
+    })
+    .await;
+    let (code, out, err) = cli(&b.dir, &["network", "find-peer", &pc]);
+    assert_eq!(code, Some(0), "B's lookups work after the restart: {out}{err}");
+
+    // The rest of the node never stopped.
+    assert_eq!(b.register("stillserving").await.status(), 201);
+    assert_eq!(network(&b)["restarts"], 1, "one death, one restart");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_a_peer_cannot_crash_or_stall_the_node() {
     use std::net::{SocketAddr, TcpStream, UdpSocket};

@@ -179,11 +179,7 @@ async fn key_rotation_reseals_every_row_while_serving_and_resumes_after_a_crash(
         async move { (rows_by_key(node).await == [(2, USERS as i64 + 1)].into()).then_some(()) }
     })
     .await;
-    wait_for("the resumption in the log", Duration::from_secs(10), || {
-        let found = node.log().contains("resuming an unfinished key rotation");
-        async move { found.then_some(()) }
-    })
-    .await;
+    node.wait_log("the resumption in the log", |l| l.contains("resuming an unfinished key rotation")).await;
 
     // A second rotation through the CLI, followed to the end (no terminal: no bar).
     let run = cli(&dir, &["keys", "rotate"]).expect(0);
@@ -270,11 +266,7 @@ async fn failed_logins_are_limited_per_username_and_per_address() {
     assert_eq!(attempt(&node, "bob", "wrong password").await.0, 429);
     assert_eq!(attempt(&node, "bob", PASSWORD).await.0, 429);
     // The log is written asynchronously: wait for the line rather than race it.
-    wait_for("the refusal in the log", Duration::from_secs(10), || {
-        let found = node.log().contains("login refused: too many failures");
-        async move { found.then_some(()) }
-    })
-    .await;
+    node.wait_log("the refusal in the log", |l| l.contains("login refused: too many failures")).await;
 }
 
 /// A raw TLS connection to the node with `versions`; returns the protocol agreed.

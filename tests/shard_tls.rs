@@ -141,13 +141,16 @@ async fn start_failing(dir: &Path, args: &[&str], needle: &str) -> (Node, Value)
     (Node::from_info(dir, info, Some(child)), report)
 }
 
-/// Ends a node from `start_failing`. Until its shards are up or boot's 60 s ready deadline
-/// passes, a node acts on a stop only after that wait, so the test kills it instead.
-fn kill(mut node: Node) {
-    if let Some(mut child) = node.child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+/// Stops a node from `start_failing` (still waiting for its shards) with SIGTERM: it
+/// must act on the stop at once, not after boot's 60 s ready deadline, and never
+/// announce itself as ready.
+async fn stop_unready(mut node: Node) {
+    let status = node.stop().expect("the node was running");
+    assert!(status.success(), "{status}; log:\n{}", node.log());
+    node.wait_log("the early stop in the log", |l| l.contains("stopped before it was ready")).await;
+    let log = node.log();
+    assert!(!log.contains("reporting ready anyway"), "the stop waited for the ready deadline:\n{log}");
+    assert!(!log.contains("node ready"), "{log}");
 }
 
 fn shard_error_report(dir: &Path, child: &mut Child, needle: &str) -> Option<Value> {
@@ -210,7 +213,7 @@ async fn a_server_certificate_from_another_ca_keeps_the_shard_down_not_the_node(
     assert!(node.log().contains("certificate verify failed"));
     let (encrypted, plain, _) = server.node_connections().await;
     assert_eq!((encrypted, plain), (0, 0), "no session may outlive a refused certificate");
-    kill(node);
+    stop_unready(node).await;
 }
 
 #[tokio::test]
@@ -223,7 +226,7 @@ async fn a_host_name_not_in_the_certificate_fails_verify_full_but_passes_verify_
         start_failing(dir.path(), &["--shard-url", &full, "--shard-ca-file", ca], "certificate verify failed").await;
     let error = report["shards"][0]["last_error"].as_str().unwrap();
     assert!(error.contains("not valid for name \"127.0.0.1\""), "{error}");
-    kill(node);
+    stop_unready(node).await;
 
     let verify_ca = server.url("127.0.0.1", "s0", &format!("sslmode=verify-ca&sslrootcert={ca}"));
     let node = Node::start(&["--shard-url", &verify_ca]).await;

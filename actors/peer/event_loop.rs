@@ -177,6 +177,9 @@ impl EventLoop {
                 let _ = reply.send(self.report());
             }
             Command::FindPeer(target, reply) => {
+                // Test builds: `FAILPOINTS=network-find-peer=panic` makes the loop die here,
+                // so a test can watch the Supervisor bring the network back.
+                fail::fail_point!("network-find-peer");
                 if target == *self.swarm.local_peer_id() {
                     let _ = reply.send(Err(LookupError::OwnId));
                     return;
@@ -513,6 +516,8 @@ impl EventLoop {
             kad_mode,
             kad_protocol: self.config.kad_protocol.to_string(),
             peers,
+            // Known to the actor, which fills it in.
+            restarts: 0,
         }
     }
 

@@ -35,8 +35,9 @@ use crate::problem::ApiError;
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(behaviour::KAD_QUERY_TIMEOUT.as_secs() + 5);
 
-/// Pause before a failed network start is retried (through a Supervisor restart).
-const RESTART_BACKOFF: Duration = Duration::from_secs(2);
+/// Back-off between attempts to start the network (doubling from the first to the max).
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Ed25519 secret key bytes in `<data-dir>/p2p.key`.
 const KEY_LEN: usize = 32;
@@ -82,11 +83,26 @@ fn start_swarm(key: &Keypair, config: &P2pConfig, listen: &[Multiaddr]) -> Resul
     let mut swarm = build_swarm(key.clone(), config).map_err(|e| PeerError::Start(e.to_string()))?;
     let mut listeners = Vec::with_capacity(listen.len());
     for addr in listen {
-        let id =
-            swarm.listen_on(addr.clone()).map_err(|e| PeerError::Start(format!("cannot listen on {addr}: {e}")))?;
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| PeerError::Start(format!("cannot listen on {addr}: {}", error_chain(&e))))?;
         listeners.push(id);
     }
     Ok(Started { swarm, listeners })
+}
+
+/// An error and its causes, `: `-separated (some transport errors display as nothing).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    if parts.is_empty() { format!("{e:?}") } else { parts.join(": ") }
 }
 
 struct Started {
@@ -158,6 +174,22 @@ impl Actor for PeerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.start_loop(ctx, RETRY_FIRST);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.commands = None;
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl PeerActor {
+    /// Starts the event loop on a Swarm (the one boot built, else a new one on the same
+    /// ports). A failed start is retried with back-off `retry`, doubling up to
+    /// `RETRY_MAX`: after the loop died, its sockets may take a moment to close.
+    fn start_loop(&mut self, ctx: &mut Context<Self>, retry: Duration) {
         let started = match self.first.take() {
             Some(s) => Ok(s),
             None => {
@@ -168,9 +200,13 @@ impl Actor for PeerActor {
         let started = match started {
             Ok(s) => s,
             Err(e) => {
-                error!("cannot start the network; retrying"; "error" => %e);
+                warn!("cannot start the network yet; retrying"; "error" => %e, "retry_ms" => retry.as_millis());
                 self.last_error = Some(e.to_string());
-                ctx.run_later(RESTART_BACKOFF, |_, ctx| ctx.stop());
+                ctx.run_later(retry, move |act, ctx| {
+                    if !act.stopping {
+                        act.start_loop(ctx, (retry * 2).min(RETRY_MAX));
+                    }
+                });
                 return;
             }
         };
@@ -194,13 +230,6 @@ impl Actor for PeerActor {
             ctx.stop();
         }));
     }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        self.commands = None;
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
 }
 
 impl Supervised for PeerActor {
@@ -221,7 +250,9 @@ pub struct GetNetwork;
 impl Handler<GetNetwork> for PeerActor {
     type Result = ResponseFuture<Result<NetworkReport, PeerError>>;
     fn handle(&mut self, _: GetNetwork, _: &mut Self::Context) -> Self::Result {
-        Box::pin(self.ask(Command::Status, ASK_TIMEOUT))
+        let restarts = self.restarts;
+        let report = self.ask(Command::Status, ASK_TIMEOUT);
+        Box::pin(async move { report.await.map(|report| NetworkReport { restarts, ..report }) })
     }
 }
 

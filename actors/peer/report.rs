@@ -33,6 +33,10 @@ pub struct NetworkReport {
     pub kad_protocol: String,
     /// Connected peers.
     pub peers: Vec<PeerReport>,
+    /// How often the supervisor restarted the network since the node started (after the
+    /// event loop died); the peer id and listen ports stay the same across restarts.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// A reservation on a relay.

@@ -145,11 +145,15 @@ fn summary(r: &StatusReport) -> String {
     if let Some(n) = &r.network {
         let _ = writeln!(
             out,
-            "network:  peer {}, {} connected, NAT {}, {} in the routing table",
+            "network:  peer {}, {} connected, NAT {}, {} in the routing table{}",
             n.peer_id,
             n.peers.len(),
             n.nat_status,
-            n.routing_table_size
+            n.routing_table_size,
+            match n.restarts {
+                0 => String::new(),
+                k => format!(", restarted {k} times"),
+            }
         );
     }
     out

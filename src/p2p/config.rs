@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, invalid, list};
 use crate::p2p::addr::{is_supported_transport, peer_id_of};
 
 /// Defaults, in one place so `--help`, the docs and the code agree.
@@ -157,20 +157,6 @@ pub struct P2pConfig {
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     pub relay: RelayLimits,
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, message: message.into() }
-}
-
-/// Flags/env if any were given, else the file's list, else `default`.
-fn list(flags: &[String], file: Option<Vec<String>>, default: &[&str]) -> Vec<String> {
-    let chosen = if flags.is_empty() {
-        file.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
-    } else {
-        flags.to_vec()
-    };
-    chosen.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
 }
 
 /// Parses multiaddrs of a transport this node speaks.

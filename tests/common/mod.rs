@@ -163,6 +163,16 @@ impl Node {
         read_log(&self.dir)
     }
 
+    /// Waits until a line of the log satisfies `matches` and returns it. The node's logger
+    /// writes asynchronously: a test waits for a line, it never reads the log once.
+    pub async fn wait_log(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        wait_for(what, Duration::from_secs(60), || {
+            let line = self.log().lines().find(|l| matches(l)).map(str::to_owned);
+            async move { line }
+        })
+        .await
+    }
+
     /// `api_url` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.api, path)
