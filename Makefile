@@ -10,7 +10,7 @@ DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "
 ARGS     ?=
 
 .DEFAULT_GOAL := help
-ensure-netlab: ## install what the NAT test needs (nftables, iptables, conntrack; root and apt-get)
+ensure-netlab: ## install what the namespace tests need (nftables, iptables, conntrack, miniupnpd; root and apt-get)
 	.ci/ensure-netlab
 
 .PHONY: help ensure-postgres ensure-netlab build run test bench bench-reco lint fmt clean

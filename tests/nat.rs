@@ -13,95 +13,13 @@
 
 mod common;
 
-use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use common::netlab::{DEADLINE, Lab, network, node_in, peer_id, wait_peer};
 use common::{Node, wait_for};
-use cosmicsync::control::{self, Request, Response};
 use serde_json::Value;
 
-/// Generous: AutoNAT needs a probe to time out before it says "private".
-const DEADLINE: Duration = Duration::from_secs(180);
-
 const PUBLIC_IP: &str = "198.18.0.1";
-
-/// The lab script, or why the test cannot run.
-fn natlab() -> Result<PathBuf, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root to create network namespaces".into());
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/netlab/natlab.sh");
-    if !script.exists() {
-        return Err(format!("{} not found (the shared/ directory beside the repository)", script.display()));
-    }
-    for tool in ["ip", "nft", "iptables", "conntrack"] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output();
-        if !found.is_ok_and(|o| o.status.success()) {
-            return Err(format!("`{tool}` is not installed (run .ci/ensure-netlab)"));
-        }
-    }
-    Ok(script)
-}
-
-/// The lab's namespaces, torn down on drop (also when the test fails). Holds a lock so
-/// two NAT tests never build the same namespaces at once.
-struct Lab {
-    script: PathBuf,
-    _lock: std::fs::File,
-}
-
-impl Lab {
-    fn up(nat_a: &str, nat_b: &str) -> Result<Lab, String> {
-        let script = natlab()?;
-        let lock = std::fs::File::create("/tmp/cosmicsync-natlab.lock").map_err(|e| e.to_string())?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err("cannot lock the lab".into());
-        }
-        let lab = Lab { script, _lock: lock };
-        lab.run(&["down"]);
-        let out = lab.run(&["up", "--nat-a", nat_a, "--nat-b", nat_b]);
-        if !out.status.success() {
-            return Err(format!("natlab up failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(lab)
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("bash").arg(&self.script).args(args).output().expect("run natlab.sh")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.run(&["down"]);
-    }
-}
-
-/// Listen on fixed ports on every interface, as a node behind a home router would.
-const LISTEN: &[&str] =
-    &["--p2p-listen", "/ip4/0.0.0.0/tcp/4001", "--p2p-listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--kad-refresh", "10"];
-
-/// Starts a node inside namespace `ns`.
-async fn node_in(ns: &str, extra: &[&str]) -> Node {
-    let args: Vec<&str> = LISTEN.iter().chain(extra).copied().collect();
-    Node::start_wrapped_temp(&["ip", "netns", "exec", ns], &args).await
-}
-
-/// The network report over the control socket (it works across network namespaces).
-fn network(node: &Node) -> Option<Value> {
-    match control::request(&node.dir, &Request::Status, Duration::from_secs(30)) {
-        Ok(Response::Ok { data }) => Some(data["network"].clone()).filter(|n| !n.is_null()),
-        _ => None,
-    }
-}
-
-fn peer_id(node: &Node) -> String {
-    node.info["peer_id"].as_str().expect("peer_id").to_owned()
-}
 
 /// Waits until `node` is behind NAT by AutoNAT's verdict and holds an accepted relay slot.
 async fn wait_private_with_reservation(node: &Node, name: &str) -> Value {
@@ -111,17 +29,6 @@ async fn wait_private_with_reservation(node: &Node, name: &str) -> Value {
                 && n["relay_reservations"].as_array().is_some_and(|r| r.iter().any(|r| r["accepted"] == true))
         });
         async move { report }
-    })
-    .await
-}
-
-/// `node`'s entry for `peer` once `accept` holds for it.
-async fn wait_peer(node: &Node, peer: &str, what: &str, accept: impl Fn(&Value) -> bool) -> Value {
-    wait_for(what, DEADLINE, || {
-        let entry = network(node)
-            .and_then(|n| n["peers"].as_array()?.iter().find(|p| p["peer_id"] == peer).cloned())
-            .filter(&accept);
-        async move { entry }
     })
     .await
 }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod netlab;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
