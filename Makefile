@@ -13,7 +13,10 @@ ARGS     ?=
 ensure-netlab: ## install what the NAT test needs (nftables, iptables, conntrack; root and apt-get)
 	.ci/ensure-netlab
 
-.PHONY: help ensure-postgres ensure-netlab build run test bench bench-reco lint fmt clean
+ensure-interop: ## install the js-libp2p peer the interop test runs (npm ci in tests/interop/js)
+	.ci/ensure-interop
+
+.PHONY: help ensure-postgres ensure-netlab ensure-interop build run test bench bench-reco lint fmt clean
 
 help: ## list the targets
 	@echo 'Targets (variables: DATA_DIR=$(DATA_DIR), ARGS="extra cosmicsync start arguments"):'
@@ -30,7 +33,7 @@ run: ensure-postgres build ## start a node with its data (and its PostgreSQL clu
 
 # nextest runs each test in its own process, which keeps one test's stray cluster or
 # panic from taking others down; plain cargo test is the fallback.
-test: ensure-postgres ensure-netlab ## run all tests (cargo nextest if installed, else cargo test)
+test: ensure-postgres ensure-netlab ensure-interop ## run all tests (cargo nextest if installed, else cargo test)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo '$(CARGO) nextest run --no-fail-fast'; \
 		$(CARGO) nextest run --no-fail-fast; \
