@@ -13,7 +13,10 @@ ARGS     ?=
 ensure-netlab: ## install what the namespace tests need (nftables, iptables, conntrack, miniupnpd; root and apt-get)
 	.ci/ensure-netlab
 
-.PHONY: help ensure-postgres ensure-netlab build run test bench bench-reco lint fmt clean
+ensure-interop: ## install the js-libp2p peer the interop test runs (npm ci in tests/interop/js)
+	.ci/ensure-interop
+
+.PHONY: help ensure-postgres ensure-netlab ensure-interop build run test bench bench-reco lint fmt clean
 
 help: ## list the targets
 	@echo 'Targets (variables: DATA_DIR=$(DATA_DIR), ARGS="extra cosmicsync start arguments"):'
@@ -32,7 +35,7 @@ run: ensure-postgres build ## start a node with its data (and its PostgreSQL clu
 # panic from taking others down; plain cargo test is the fallback. The tests are built
 # with fail points (Cargo feature `failpoints`) so they can make parts of a node die.
 TEST_FEATURES ?= --features failpoints
-test: ensure-postgres ensure-netlab ## run all tests (cargo nextest if installed, else cargo test)
+test: ensure-postgres ensure-netlab ensure-interop ## run all tests (cargo nextest if installed, else cargo test)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo '$(CARGO) nextest run --no-fail-fast $(TEST_FEATURES)'; \
 		$(CARGO) nextest run --no-fail-fast $(TEST_FEATURES); \
