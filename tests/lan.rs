@@ -26,7 +26,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netlab::{DEADLINE, Lab, lock, network, node_in, peer_id, require, run, wait_log, wait_peer};
+use common::netlab::{DEADLINE, Lab, lock, network, node_in, peer_id, require, run, wait_peer};
 use common::wait_for;
 
 /// The namespace holding the LAN segment's bridge.
@@ -113,8 +113,8 @@ async fn nodes_on_one_lan_find_each_other_with_mdns_and_only_with_it() {
     assert!(address.contains(&format!("/ip4/{LAN_NET}.2/")), "m2's LAN address: {entry:#}");
     wait_peer(&m2, &p1, "m2 to see the connection to m1", |p| p["route"] == "direct").await;
     // libp2p's mDNS behaviour logs each discovery (through the log bridge, at info).
-    wait_log(&m1, "discovered peer on address", "m1 to log the mDNS discovery").await;
-    let network_up = wait_log(&m2, "network starting", "m2 to log its network start").await;
+    m1.wait_log("m1 to log the mDNS discovery", |l| l.contains("discovered peer on address")).await;
+    let network_up = m2.wait_log("m2 to log its network start", |l| l.contains("network starting")).await;
     let connected = wait_for("m2 to log the connection to m1", DEADLINE, || {
         let log = m2.log();
         let line = log.lines().find(|l| l.contains("peer connected") && l.contains(&p1)).map(str::to_owned);
@@ -324,8 +324,8 @@ async fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
     let a_up = started.elapsed();
     let pa = peer_id(&a);
 
-    let line = wait_log(&a, "UPnP port mapping made", "A to log a UPnP port mapping").await;
-    let network_up = wait_log(&a, "network starting", "A to log its network start").await;
+    let line = a.wait_log("A to log a UPnP port mapping", |l| l.contains("UPnP port mapping made")).await;
+    let network_up = a.wait_log("A to log its network start", |l| l.contains("network starting")).await;
     let mapping = seconds_between(&network_up, &line);
     let tcp = format!("/ip4/{WAN_GLOBAL}/tcp/4001");
     let quic = format!("/ip4/{WAN_GLOBAL}/udp/4001/quic-v1");

@@ -371,11 +371,16 @@ impl EventLoop {
                 Err(e) => info!("hole punch failed; staying on the relay"; "peer" => %remote_peer_id, "error" => %e),
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                // One dial per peer with all its addresses: the back-off admits one attempt.
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in found {
                     debug!("found on the LAN"; "peer" => %peer, "addr" => %addr);
                     self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
                     if !self.swarm.is_connected(&peer) && self.backoff.may_dial(&peer, Instant::now()) {
-                        self.dial(peer, vec![addr]);
+                        self.dial(peer, addrs);
                     }
                 }
             }

@@ -168,7 +168,8 @@ impl Node {
     /// Waits until a line of the log satisfies `matches` and returns it. The node's logger
     /// writes asynchronously: a test waits for a line, it never reads the log once.
     pub async fn wait_log(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
-        wait_for(what, Duration::from_secs(60), || {
+        // Generous: in the namespace tests a line may follow a slow AutoNAT verdict.
+        wait_for(what, Duration::from_secs(180), || {
             let line = self.log().lines().find(|l| matches(l)).map(str::to_owned);
             async move { line }
         })

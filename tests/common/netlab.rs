@@ -128,12 +128,3 @@ pub async fn wait_peer(node: &Node, peer: &str, what: &str, accept: impl Fn(&Val
     })
     .await
 }
-
-/// Waits until `node`'s log has `line` (slog writes asynchronously: never read it once).
-pub async fn wait_log(node: &Node, line: &str, what: &str) -> String {
-    wait_for(what, DEADLINE, || {
-        let log = node.log();
-        async move { log.lines().find(|l| l.contains(line)).map(str::to_owned) }
-    })
-    .await
-}
