@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::report::{FoundPeer, NetworkReport, PeerReport, RelayReservation};
-use crate::p2p::addr::{is_relayed, is_shareable, with_port_of, without_peer_id};
+use crate::p2p::addr::{is_loopback, is_relayed, is_shareable, with_port_of, without_peer_id};
 use crate::p2p::backoff::Backoff;
 use crate::p2p::config::P2pConfig;
 
@@ -195,22 +195,22 @@ impl EventLoop {
         }
     }
 
-    /// Adds the bootstrap peers to the DHT, dials them and starts a bootstrap walk.
+    /// Adds the bootstrap peers to the DHT and starts a bootstrap walk; the first upkeep
+    /// tick, at once, dials them.
     fn join_bootstrap(&mut self) {
         let peers = self.config.bootstrap.clone();
         for peer in &peers {
             self.swarm.behaviour_mut().kad.add_address(&peer.peer_id, without_peer_id(&peer.addr));
             // The AutoNAT probes need servers that are there from the start.
             self.swarm.behaviour_mut().autonat.add_server(peer.peer_id, Some(without_peer_id(&peer.addr)));
-            self.dial(peer.peer_id, vec![peer.addr.clone()]);
         }
         if !peers.is_empty() {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
     }
 
-    /// Periodic upkeep: re-dial lost bootstrap peers (respecting the back-off), find a
-    /// relay when behind NAT, forget old back-off entries.
+    /// Periodic upkeep (the first tick comes at once): dial bootstrap peers not connected
+    /// (respecting the back-off), find a relay when behind NAT, forget old back-off entries.
     fn maintain(&mut self) {
         let now = Instant::now();
         for peer in self.config.bootstrap.clone() {
@@ -218,9 +218,7 @@ impl EventLoop {
                 self.dial(peer.peer_id, vec![peer.addr.clone()]);
             }
         }
-        if matches!(self.nat, autonat::v1::NatStatus::Private) && self.reservations.is_empty() {
-            self.reserve_relay();
-        }
+        self.reserve_relay();
         self.backoff.prune(now);
     }
 
@@ -231,8 +229,11 @@ impl EventLoop {
         }
     }
 
-    /// Reserves a slot on one reachable relay.
+    /// Behind NAT without a reservation: reserves a slot on one reachable relay.
     fn reserve_relay(&mut self) {
+        if !matches!(self.nat, autonat::v1::NatStatus::Private) || !self.reservations.is_empty() {
+            return;
+        }
         let hop = relay::HOP_PROTOCOL_NAME;
         let candidate = self
             .peers
@@ -347,9 +348,7 @@ impl EventLoop {
                 info!("NAT status changed"; "from" => nat_name(&old), "to" => nat_name(&new),
                       "public_addr" => match &new { autonat::v1::NatStatus::Public(a) => a.to_string(), _ => String::new() });
                 self.nat = new;
-                if matches!(self.nat, autonat::v1::NatStatus::Private) && self.reservations.is_empty() {
-                    self.reserve_relay();
-                }
+                self.reserve_relay();
             }
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
@@ -405,13 +404,7 @@ impl EventLoop {
         state.agent = Some(info.agent_version.chars().take(128).collect());
         state.protocols = info.protocols.clone();
         // Loopback addresses are useful only to a peer on the same host.
-        let via_loopback = state.conns.get(&connection_id).is_some_and(|c| {
-            c.addr.iter().any(|p| match p {
-                Protocol::Ip4(ip) => ip.is_loopback(),
-                Protocol::Ip6(ip) => ip.is_loopback(),
-                _ => false,
-            })
-        });
+        let via_loopback = state.conns.get(&connection_id).is_some_and(|c| is_loopback(&c.addr));
         let addrs: Vec<Multiaddr> =
             info.listen_addrs.into_iter().filter(|a| is_shareable(a, via_loopback)).take(32).collect();
         state.listen_addrs = addrs.clone();

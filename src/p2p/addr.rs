@@ -27,17 +27,27 @@ pub fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
     addr
 }
 
+/// True when the address is on a loopback interface (127.0.0.0/8 or ::1).
+pub fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
 /// True for an address worth telling other peers about: not loopback-only unless
 /// `allow_loopback`, not unspecified (`0.0.0.0`), and not a relayed address whose relay
 /// part is itself relayed.
 pub fn is_shareable(addr: &Multiaddr, allow_loopback: bool) -> bool {
+    if is_loopback(addr) && !allow_loopback {
+        return false;
+    }
     let mut circuits = 0;
     for p in addr.iter() {
         match p {
             Protocol::Ip4(ip) if ip.is_unspecified() => return false,
             Protocol::Ip6(ip) if ip.is_unspecified() => return false,
-            Protocol::Ip4(ip) if ip.is_loopback() && !allow_loopback => return false,
-            Protocol::Ip6(ip) if ip.is_loopback() && !allow_loopback => return false,
             Protocol::P2pCircuit => circuits += 1,
             _ => {}
         }

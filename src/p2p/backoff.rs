@@ -54,16 +54,6 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
         let max = self.max;
         self.entries.retain(|_, e| now.saturating_duration_since(e.until) < max);
     }
-
-    /// Keys currently held back.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// True when no key is held back.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -82,7 +72,7 @@ mod tests {
         assert!(b.may_dial(&"q", t), "other keys are not held back");
         b.succeeded(&"p");
         assert!(b.may_dial(&"p", t));
-        assert!(b.is_empty());
+        assert!(b.entries.is_empty());
     }
 
     #[test]
@@ -101,7 +91,7 @@ mod tests {
         b.failed("old", t);
         b.failed("new", t + Duration::from_secs(15));
         b.prune(t + Duration::from_secs(15));
-        assert_eq!(b.len(), 1);
+        assert_eq!(b.entries.len(), 1);
         assert!(!b.may_dial(&"new", t + Duration::from_secs(15)));
     }
 }

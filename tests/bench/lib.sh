@@ -88,34 +88,34 @@ rss_kib() {
     awk -v f="${2:-VmRSS}:" '$1 == f { print $2; found = 1 } END { exit !found }' "/proc/$1/status"
 }
 
-# node_start DATA_DIR LOG ARGS...: starts target/release/cosmicsync on DATA_DIR with its
-# output in LOG and waits until it has written DATA_DIR/node.json (with its own pid).
-# Sets NODE_PID, NODE_DIR, NODE_API, NODE_CERT. On failure prints the log and exits.
-# The node gets the default configuration: COSMICSYNC_* variables of the caller's
-# environment are dropped, so only ARGS differ from a plain `cosmicsync start`.
-NODE_PID=
-NODE_DIR=
-node_start() {
+# node_spawn DATA_DIR LOG ARGS...: starts target/release/cosmicsync (or $BENCH_BIN) on
+# DATA_DIR in the background with its output in LOG; sets SPAWNED_PID. The node gets the
+# default configuration: COSMICSYNC_* variables of the caller's environment are dropped,
+# so only ARGS differ from a plain `cosmicsync start`.
+SPAWNED_PID=
+node_spawn() {
     local dir=$1 logfile=$2
     shift 2
     local bin=${BENCH_BIN:-$ROOT/target/release/cosmicsync}
     [[ -x $bin ]] || die "$bin not found; run cargo build --release"
-    NODE_DIR=$dir
     (
         unset "${!COSMICSYNC_@}"
         exec "$bin" --data-dir "$dir" start "$@"
     ) </dev/null >"$logfile" 2>&1 &
-    NODE_PID=$!
+    SPAWNED_PID=$!
+}
+
+# node_wait_ready DATA_DIR PID LOG: waits until the node PID has written DATA_DIR/node.json
+# (with its own pid); if it exits or takes longer than $BENCH_START_TIMEOUT (120 s),
+# prints LOG and exits.
+node_wait_ready() {
+    local dir=$1 pid=$2 logfile=$3
     local timeout=${BENCH_START_TIMEOUT:-120}
     local deadline=$((SECONDS + timeout))
-    while :; do
-        if [[ -f $dir/node.json ]] && [[ $(jq -r '.pid' "$dir/node.json" 2>/dev/null) == "$NODE_PID" ]]; then
-            break
-        fi
-        if ! proc_alive "$NODE_PID"; then
+    until [[ -f $dir/node.json ]] && [[ $(jq -r '.pid' "$dir/node.json" 2>/dev/null) == "$pid" ]]; do
+        if ! proc_alive "$pid"; then
             local status=0
-            wait "$NODE_PID" || status=$?
-            NODE_PID=
+            wait "$pid" || status=$?
             printf -- '--- node log (%s) ---\n' "$logfile" >&2
             cat "$logfile" >&2
             die "the node exited during start (status $status)"
@@ -125,8 +125,20 @@ node_start() {
             cat "$logfile" >&2
             die "the node did not write $dir/node.json within ${timeout} s"
         fi
-        sleep 0.2
+        sleep 0.1
     done
+}
+
+# node_start DATA_DIR LOG ARGS...: node_spawn, then node_wait_ready. Sets NODE_PID,
+# NODE_DIR, NODE_API, NODE_CERT (for node_stop and the caller).
+NODE_PID=
+NODE_DIR=
+node_start() {
+    local dir=$1 logfile=$2
+    NODE_DIR=$dir
+    node_spawn "$@"
+    NODE_PID=$SPAWNED_PID
+    node_wait_ready "$dir" "$NODE_PID" "$logfile" || { NODE_PID=; return 1; }
     # shellcheck disable=SC2034 # for the caller
     NODE_API=$(jq -r '.api_url' "$dir/node.json")
     # shellcheck disable=SC2034 # for the caller

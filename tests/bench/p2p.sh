@@ -99,22 +99,12 @@ start_node() { # INDEX ARGS...
     local i=$1
     shift
     mkdir -p "$WORK/n$i"
-    (
-        unset "${!COSMICSYNC_@}"
-        exec "$BIN" --data-dir "$WORK/n$i" start --http-addr 127.0.0.1:0 \
-            --shard-url "host=$PG port=$PGPORT user=postgres dbname=node_$i" --pool-size 2 \
-            --p2p-listen /ip4/127.0.0.1/tcp/0 --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --kad-mode server "$@"
-    ) </dev/null >"$WORK/n$i.log" 2>&1 &
-    PIDS[i]=$!
+    node_spawn "$WORK/n$i" "$WORK/n$i.log" --http-addr 127.0.0.1:0 \
+        --shard-url "host=$PG port=$PGPORT user=postgres dbname=node_$i" --pool-size 2 \
+        --p2p-listen /ip4/127.0.0.1/tcp/0 --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --kad-mode server "$@"
+    PIDS[i]=$SPAWNED_PID
 }
-wait_ready() { # INDEX
-    local i=$1 deadline=$((SECONDS + 120))
-    until [[ -f $WORK/n$i/node.json ]] && [[ $(jq -r .pid "$WORK/n$i/node.json" 2>/dev/null) == "${PIDS[i]}" ]]; do
-        proc_alive "${PIDS[i]}" || { cat "$WORK/n$i.log" >&2; die "node $i exited during start"; }
-        ((SECONDS < deadline)) || die "node $i did not start within 120 s"
-        sleep 0.1
-    done
-}
+wait_ready() { node_wait_ready "$WORK/n$1" "${PIDS[$1]}" "$WORK/n$1.log"; }
 now_ms() { date +%s%3N; }
 
 log "starting $NODES nodes"
@@ -194,11 +184,8 @@ TABLE_S=$(awk -v a="$T0" -v b="$T_TABLE" 'BEGIN { printf "%.1f", (b - a) / 1000 
 READY_S=$(awk -v a="$T0" -v b="$T_READY" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
 AFTER_S=$(awk -v a="$T_READY" -v b="$T_TABLE" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
 
-CPU_MODEL=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+machine_facts
 CORES=$(nproc)
-MEM_GIB=$(awk '/^MemTotal:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-NOW=$(date -u '+%Y-%m-%d %H:%M UTC')
 
 cat >&2 <<EOF
 
