@@ -14,6 +14,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod embedded_pg;
+pub mod errors;
 pub mod logging;
 pub mod login_limit;
 pub mod model;

@@ -132,7 +132,7 @@ impl ShardUrl {
     pub fn parse(url: &str, default_ca: Option<&Path>) -> Result<ShardUrl, ShardUrlError> {
         let (rest, params) = split_tls_params(url)?;
         let mut pg: tokio_postgres::Config =
-            rest.parse().map_err(|e: tokio_postgres::Error| ShardUrlError::Syntax(error_chain(&e)))?;
+            rest.parse().map_err(|e: tokio_postgres::Error| ShardUrlError::Syntax(crate::errors::chain(&e)))?;
         // libpq lets a later parameter override an earlier one.
         let last = |key: &str| params.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
         let requested = match last("sslmode") {
@@ -221,24 +221,7 @@ pub fn describe_connect_error(err: &(dyn std::error::Error + 'static)) -> String
         }
         next = e.source();
     }
-    error_chain(err)
-}
-
-/// An error and its causes, `outer: inner: …`: tokio-postgres's errors show their cause
-/// only through `source()`.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut next = err.source();
-    while let Some(e) = next {
-        let part = e.to_string();
-        // io::Error displays its inner error and also returns that error's source.
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = e.source();
-    }
-    text
+    crate::errors::chain(err)
 }
 
 /// The URL without `sslmode` and `sslrootcert`, and those parameters (decoded) in order.

@@ -21,8 +21,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::p2p::{bootstrap_addr, listen_addrs, peer_id, wait_peer};
 use common::{Node, wait_for};
-use cosmicsync::control::{self, Request, Response};
 use serde_json::Value;
 
 /// How long anything here may take (generous: 2 shared cores, Node.js start-up included).
@@ -146,44 +146,9 @@ impl Drop for JsPeer {
     }
 }
 
-/// One helper for control-socket questions: the answer's data, or `None` on any error.
-fn ask(node: &Node, request: Request) -> Option<Value> {
-    match control::request(&node.dir, &request, Duration::from_secs(30)) {
-        Ok(Response::Ok { data }) => Some(data),
-        _ => None,
-    }
-}
-
-fn peer_id(node: &Node) -> String {
-    node.info["peer_id"].as_str().expect("peer_id in node.json").to_owned()
-}
-
-/// The node's listen addresses with the ports it bound (node.json's `p2p_addrs`).
-fn listen_addrs(node: &Node) -> Vec<String> {
-    let addrs = node.info["p2p_addrs"].as_array().expect("p2p_addrs in node.json");
-    addrs.iter().filter_map(Value::as_str).map(str::to_owned).collect()
-}
-
-/// The first TCP listen address + peer id: what another node (or implementation) dials.
-fn bootstrap_addr(node: &Node) -> String {
-    let tcp = listen_addrs(node).into_iter().find(|a| a.contains("/tcp/")).expect("a TCP listen address");
-    format!("{tcp}/p2p/{}", peer_id(node))
-}
-
 /// `addr` without a trailing `/p2p/<id>`.
 fn without_peer_id(addr: &str) -> &str {
     addr.find("/p2p/").map_or(addr, |i| &addr[..i])
-}
-
-/// `node`'s entry for `peer` once `accept` holds for it.
-async fn wait_peer(node: &Node, peer: &str, what: &str, accept: impl Fn(&Value) -> bool) -> Value {
-    wait_for(what, DEADLINE, || {
-        let entry = ask(node, Request::NetworkPeers)
-            .and_then(|peers| peers.as_array()?.iter().find(|p| p["peer_id"] == peer).cloned())
-            .filter(&accept);
-        async move { entry }
-    })
-    .await
 }
 
 fn strings(v: &Value) -> Vec<&str> {
@@ -204,7 +169,7 @@ async fn a_js_libp2p_peer_identifies_pings_and_uses_the_dht_both_ways() {
     let b = Node::start(&[P2P, &["--bootstrap", &bootstrap]].concat()).await;
     let (pa, pb) = (peer_id(&a), peer_id(&b));
     // A can answer a lookup of B once identify told it B's addresses.
-    wait_peer(&a, &pb, "A to identify B", |p| p["agent"].is_string()).await;
+    wait_peer(&a, &pb, "A to identify B", DEADLINE, |p| p["agent"].is_string()).await;
 
     let mut js = JsPeer::start(&js_dir, &bootstrap, &pb);
     let report = js.report().await;
@@ -237,9 +202,10 @@ async fn a_js_libp2p_peer_identifies_pings_and_uses_the_dht_both_ways() {
     );
 
     // (d) Our side: A sees the JS peer, its agent and a ping time (our ping to it)...
-    let entry =
-        wait_peer(&a, &pj, "A to identify and ping the JS peer", |p| p["agent"].is_string() && p["rtt_ms"].is_f64())
-            .await;
+    let entry = wait_peer(&a, &pj, "A to identify and ping the JS peer", DEADLINE, |p| {
+        p["agent"].is_string() && p["rtt_ms"].is_f64()
+    })
+    .await;
     let js_agent = entry["agent"].as_str().unwrap_or_default().to_owned();
     assert!(js_agent.starts_with("js-libp2p/"), "{entry:#}");
     let run = common::cli(&a.dir, &["network", "peers"]).expect(0);
@@ -263,7 +229,7 @@ async fn a_js_libp2p_peer_identifies_pings_and_uses_the_dht_both_ways() {
         addrs.iter().any(|f| js_addrs.contains(&without_peer_id(f))),
         "the DHT gave one of the JS peer's listen addresses {js_addrs:?}: {found_js:#}"
     );
-    let c_entry = wait_peer(&c, &pj, "C to connect to the JS peer", |p| p["agent"].is_string()).await;
+    let c_entry = wait_peer(&c, &pj, "C to connect to the JS peer", DEADLINE, |p| p["agent"].is_string()).await;
     let c_addr = c_entry["address"].as_str().unwrap_or_default();
     assert!(js_addrs.contains(&without_peer_id(c_addr)), "C dialled the JS peer at its listen address: {c_entry:#}");
 

@@ -26,7 +26,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netlab::{DEADLINE, Lab, lock, network, node_in, peer_id, require, run, wait_peer};
+use common::netlab::{DEADLINE, Lab, lock, network, node_in, require, run};
+use common::p2p::{peer_id, wait_peer};
 use common::wait_for;
 
 /// The namespace holding the LAN segment's bridge.
@@ -108,10 +109,10 @@ async fn nodes_on_one_lan_find_each_other_with_mdns_and_only_with_it() {
     let m2_up = started.elapsed();
     let (p1, p2, pq) = (peer_id(&m1), peer_id(&m2), peer_id(&quiet));
 
-    let entry = wait_peer(&m1, &p2, "m1 to connect to m2, found by mDNS", |p| p["route"] == "direct").await;
+    let entry = wait_peer(&m1, &p2, "m1 to connect to m2, found by mDNS", DEADLINE, |p| p["route"] == "direct").await;
     let address = entry["address"].as_str().unwrap_or_default().to_owned();
     assert!(address.contains(&format!("/ip4/{LAN_NET}.2/")), "m2's LAN address: {entry:#}");
-    wait_peer(&m2, &p1, "m2 to see the connection to m1", |p| p["route"] == "direct").await;
+    wait_peer(&m2, &p1, "m2 to see the connection to m1", DEADLINE, |p| p["route"] == "direct").await;
     // libp2p's mDNS behaviour logs each discovery (through the log bridge, at info).
     m1.wait_log("m1 to log the mDNS discovery", |l| l.contains("discovered peer on address")).await;
     let network_up = m2.wait_log("m2 to log its network start", |l| l.contains("network starting")).await;
@@ -347,13 +348,15 @@ async fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
     let over_tcp = node_in("pub2", &["--bootstrap", &format!("{tcp}/p2p/{pa}")]).await;
     let over_quic = node_in("pub1", &["--bootstrap", &format!("{quic}/p2p/{pa}")]).await;
     for (dialler, mapped) in [(&over_tcp, &tcp), (&over_quic, &quic)] {
-        let entry =
-            wait_peer(dialler, &pa, &format!("a public node to reach A at {mapped}"), |p| p["route"] == "direct").await;
+        let entry = wait_peer(dialler, &pa, &format!("a public node to reach A at {mapped}"), DEADLINE, |p| {
+            p["route"] == "direct"
+        })
+        .await;
         let address = entry["address"].as_str().unwrap_or_default();
         assert!(address.starts_with(mapped.as_str()), "dialled at the mapped address: {entry:#}");
     }
     // A sees them come in from their own addresses: through the mapping, not through a relay.
-    let entry = wait_peer(&a, &peer_id(&over_tcp), "A to see the TCP dialler", |_| true).await;
+    let entry = wait_peer(&a, &peer_id(&over_tcp), "A to see the TCP dialler", DEADLINE, |_| true).await;
     assert_eq!(entry["route"], "direct", "{entry:#}");
     assert!(entry["address"].as_str().unwrap_or_default().contains(PUB2_GLOBAL), "{entry:#}");
 

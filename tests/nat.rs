@@ -15,7 +15,8 @@ mod common;
 
 use std::time::Instant;
 
-use common::netlab::{DEADLINE, Lab, network, node_in, peer_id, wait_peer};
+use common::netlab::{DEADLINE, Lab, network, node_in};
+use common::p2p::{peer_id, wait_peer};
 use common::{Node, wait_for};
 use serde_json::Value;
 
@@ -80,11 +81,11 @@ async fn two_nodes_behind_endpoint_independent_nats_connect_directly() {
 
     // A learns B from the DHT (only the public node was named), reaches it through the
     // relay, and DCUtR replaces that with a direct connection.
-    let entry = wait_peer(&a, &pb, "A to hold a direct connection to B", |p| p["route"] == "direct").await;
+    let entry = wait_peer(&a, &pb, "A to hold a direct connection to B", DEADLINE, |p| p["route"] == "direct").await;
     let address = entry["address"].as_str().unwrap_or_default();
     assert!(!address.contains("p2p-circuit"), "direct means not through the relay: {entry:#}");
     assert!(address.contains("198.18.0.102"), "B's NAT's public address: {entry:#}");
-    wait_peer(&b, &pa, "B to see the direct connection", |p| p["route"] == "direct").await;
+    wait_peer(&b, &pa, "B to see the direct connection", DEADLINE, |p| p["route"] == "direct").await;
     // The log is written asynchronously: wait for the line rather than race it.
     wait_for("DCUtR to log the upgrade", DEADLINE, || {
         let logs = format!("{}{}", a.log(), b.log());
@@ -115,17 +116,17 @@ async fn behind_a_symmetric_nat_peers_stay_connected_through_the_relay() {
     wait_private_with_reservation(&a, "A").await;
     wait_private_with_reservation(&b, "B").await;
 
-    wait_peer(&a, &pb, "A to reach B through the relay", |_| true).await;
+    wait_peer(&a, &pb, "A to reach B through the relay", DEADLINE, |_| true).await;
     wait_for("a hole punch attempt to fail", DEADLINE, || {
         let logs = format!("{}{}", a.log(), b.log());
         async move { logs.contains("hole punch failed").then_some(()) }
     })
     .await;
     // After the failed upgrade they are still connected, through the relay.
-    let entry = wait_peer(&a, &pb, "A still connected to B", |_| true).await;
+    let entry = wait_peer(&a, &pb, "A still connected to B", DEADLINE, |_| true).await;
     assert_eq!(entry["route"], "relayed", "{entry:#}");
     assert!(entry["address"].as_str().unwrap_or_default().contains("p2p-circuit"), "{entry:#}");
-    let entry_b = wait_peer(&b, &pa, "B still connected to A", |_| true).await;
+    let entry_b = wait_peer(&b, &pa, "B still connected to A", DEADLINE, |_| true).await;
     assert_eq!(entry_b["route"], "relayed", "{entry_b:#}");
     assert!(network(&public).is_some(), "the relay is still healthy");
     eprintln!(

@@ -8,8 +8,9 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use common::p2p::{ask, bootstrap_addr, peer_id, wait_peer};
 use common::{Node, wait_for};
-use cosmicsync::control::{self, Request, Response};
+use cosmicsync::control::Request;
 use reqwest::Method;
 use serde_json::Value;
 
@@ -19,28 +20,9 @@ const CONVERGE: Duration = Duration::from_secs(90);
 /// Every node here answers DHT queries: on loopback no AutoNAT verdict would come.
 const P2P: &[&str] = &["--kad-mode", "server"];
 
-/// One helper for control-socket questions: the answer's data, or `None` on any error.
-fn ask(node: &Node, request: Request) -> Option<Value> {
-    match control::request(&node.dir, &request, Duration::from_secs(30)) {
-        Ok(Response::Ok { data }) => Some(data),
-        _ => None,
-    }
-}
-
 /// The node's network report (`status.network`).
 fn network(node: &Node) -> Value {
     ask(node, Request::Status).map(|s| s["network"].clone()).expect("network status")
-}
-
-fn peer_id(node: &Node) -> String {
-    node.info["peer_id"].as_str().expect("peer_id in node.json").to_owned()
-}
-
-/// A multiaddr other nodes can bootstrap from: the first TCP listen address + peer id.
-fn bootstrap_addr(node: &Node) -> String {
-    let addrs = node.info["p2p_addrs"].as_array().expect("p2p_addrs in node.json");
-    let tcp = addrs.iter().filter_map(Value::as_str).find(|a| a.contains("/tcp/")).expect("a TCP listen address");
-    format!("{tcp}/p2p/{}", peer_id(node))
 }
 
 /// Starts a node that knows `bootstrap` (if any).
@@ -51,16 +33,6 @@ async fn start_node(bootstrap: Option<&Node>) -> Node {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Node::start(&args).await
-}
-
-/// Waits until `node` lists `peer` among its connected peers; returns that entry.
-async fn wait_connected(node: &Node, peer: &str, what: &str) -> Value {
-    wait_for(what, CONVERGE, || {
-        let found = ask(node, Request::NetworkPeers)
-            .and_then(|peers| peers.as_array()?.iter().find(|p| p["peer_id"] == peer).cloned());
-        async move { found }
-    })
-    .await
 }
 
 /// Runs the CLI on a node's data directory; returns (exit code, stdout, stderr).
@@ -78,9 +50,9 @@ async fn a_node_that_knows_only_the_bootstrap_finds_the_others_through_the_dht()
     assert!(pa != pb && pb != pc && pa != pc, "every node has its own peer id");
 
     // C was told only about A, yet ends up connected to B: it learnt B from the DHT.
-    let entry = wait_connected(&c, &pb, "C to connect to B").await;
+    let entry = wait_peer(&c, &pb, "C to connect to B", CONVERGE, |_| true).await;
     assert_eq!(entry["route"], "direct");
-    wait_connected(&b, &pc, "B to see C").await;
+    wait_peer(&b, &pc, "B to see C", CONVERGE, |_| true).await;
     let agent = wait_for("identify to tell B's agent", CONVERGE, || {
         let agent = ask(&c, Request::NetworkPeers).and_then(|peers| {
             peers.as_array()?.iter().find(|p| p["peer_id"] == pb)?["agent"].as_str().map(str::to_owned)
@@ -155,7 +127,7 @@ async fn a_restarted_node_keeps_its_peer_id_and_rejoins() {
     let a = start_node(None).await;
     let mut b = start_node(Some(&a)).await;
     let pb = peer_id(&b);
-    wait_connected(&a, &pb, "A to see B").await;
+    wait_peer(&a, &pb, "A to see B", CONVERGE, |_| true).await;
     let key = b.dir.join("p2p.key");
     assert_eq!(std::fs::metadata(&key).expect("p2p.key").permissions().mode() & 0o777, 0o600);
 
@@ -178,8 +150,8 @@ async fn a_restarted_node_keeps_its_peer_id_and_rejoins() {
     let b = Node::start_in(&dir, &args).await;
     assert_eq!(peer_id(&b), pb, "the peer id survives a restart");
     assert_eq!(network(&b)["peer_id"], pb.as_str());
-    wait_connected(&a, &pb, "A to see B again").await;
-    wait_connected(&b, &peer_id(&a), "B to see A again").await;
+    wait_peer(&a, &pb, "A to see B again", CONVERGE, |_| true).await;
+    wait_peer(&b, &peer_id(&a), "B to see A again", CONVERGE, |_| true).await;
     drop(b);
     drop(temp);
 }
@@ -213,8 +185,8 @@ async fn a_network_loop_that_dies_is_restarted_with_the_same_identity_and_rejoin
     let pb = peer_id(&b);
     let c = start_node(Some(&a)).await;
     let pc = peer_id(&c);
-    wait_connected(&b, &pa, "B to see A").await;
-    wait_connected(&a, &pb, "A to see B").await;
+    wait_peer(&b, &pa, "B to see A", CONVERGE, |_| true).await;
+    wait_peer(&a, &pb, "A to see B", CONVERGE, |_| true).await;
     let before = network(&b);
     assert_eq!(before["restarts"], 0, "{before:#}");
 
@@ -272,7 +244,7 @@ async fn garbage_from_a_peer_cannot_crash_or_stall_the_node() {
     let a = start_node(None).await;
     let b = start_node(Some(&a)).await;
     let pb = peer_id(&b);
-    wait_connected(&a, &pb, "A to see B").await;
+    wait_peer(&a, &pb, "A to see B", CONVERGE, |_| true).await;
 
     let port_of = |proto: &str| -> SocketAddr {
         let addrs = a.info["p2p_addrs"].as_array().expect("p2p_addrs");
@@ -314,7 +286,7 @@ async fn garbage_from_a_peer_cannot_crash_or_stall_the_node() {
 
     // Still healthy: answers, keeps B, and lets a newcomer in while the junk is held open.
     let c = start_node(Some(&a)).await;
-    wait_connected(&a, &peer_id(&c), "A to accept a new peer").await;
+    wait_peer(&a, &peer_id(&c), "A to accept a new peer", CONVERGE, |_| true).await;
     let peers = ask(&a, Request::NetworkPeers).expect("A answers");
     assert!(peers.as_array().is_some_and(|p| p.iter().any(|p| p["peer_id"] == pb.as_str())), "{peers:#}");
     let res = a.client.get(a.url("/healthz")).send().await.expect("healthz");

@@ -85,24 +85,10 @@ fn start_swarm(key: &Keypair, config: &P2pConfig, listen: &[Multiaddr]) -> Resul
     for addr in listen {
         let id = swarm
             .listen_on(addr.clone())
-            .map_err(|e| PeerError::Start(format!("cannot listen on {addr}: {}", error_chain(&e))))?;
+            .map_err(|e| PeerError::Start(format!("cannot listen on {addr}: {}", crate::errors::chain(&e))))?;
         listeners.push(id);
     }
     Ok(Started { swarm, listeners })
-}
-
-/// An error and its causes, `: `-separated (some transport errors display as nothing).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut next = Some(e);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !text.is_empty() {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    if parts.is_empty() { format!("{e:?}") } else { parts.join(": ") }
 }
 
 struct Started {

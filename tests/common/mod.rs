@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod netlab;
+pub mod p2p;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

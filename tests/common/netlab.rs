@@ -14,7 +14,7 @@ use std::time::Duration;
 use cosmicsync::control::{self, Request, Response};
 use serde_json::Value;
 
-use super::{Node, wait_for};
+use super::Node;
 
 /// Generous: AutoNAT needs a probe to time out before it says "private".
 pub const DEADLINE: Duration = Duration::from_secs(180);
@@ -112,19 +112,4 @@ pub fn network(node: &Node) -> Option<Value> {
         Ok(Response::Ok { data }) => Some(data["network"].clone()).filter(|n| !n.is_null()),
         _ => None,
     }
-}
-
-pub fn peer_id(node: &Node) -> String {
-    node.info["peer_id"].as_str().expect("peer_id").to_owned()
-}
-
-/// `node`'s entry for `peer` once `accept` holds for it.
-pub async fn wait_peer(node: &Node, peer: &str, what: &str, accept: impl Fn(&Value) -> bool) -> Value {
-    wait_for(what, DEADLINE, || {
-        let entry = network(node)
-            .and_then(|n| n["peers"].as_array()?.iter().find(|p| p["peer_id"] == peer).cloned())
-            .filter(&accept);
-        async move { entry }
-    })
-    .await
 }
