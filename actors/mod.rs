@@ -25,3 +25,4 @@ pub mod recommend;
 pub mod shard;
 pub mod shards;
 pub mod supervisor;
+pub mod sync;

@@ -25,6 +25,8 @@ use crate::problem::StoreError;
 use crate::sealing::SharedKeyring;
 use crate::validate::{email_key, username_key};
 
+mod replicate;
+
 /// Directory entries to claim and release on one shard.
 #[derive(Default)]
 struct DirWork {

@@ -31,6 +31,7 @@ use crate::actors::recommend::{RecommendActor, RecommendSettings};
 use crate::actors::shard::{KEY_CHECK_FAILED, ShardActor, ShardEnv, ShardState};
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::{AttachHttp, IsStopping, NodeFacts, NodeSupervisor, Shutdown};
+use crate::actors::sync::{SyncActor, SyncSettings};
 use crate::api::AppState;
 use crate::config::{GlobalOptions, NodeArgs, NodeConfig, Storage};
 use crate::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
@@ -185,14 +186,25 @@ async fn start(
     let sequencer = Arc::new(Sequencer::open(&data_dir.join("seq")).context("cannot open the sequence file")?);
     let (keyring, key_file_created) = load_keyring(&config.key_file)?;
     let keys = Arc::new(SharedKeyring::new(keyring));
+    let (network_keys, network_key_created) =
+        crate::replication::netkey::load(&config.network_key_file, !config.network_key_given)
+            .with_context(|| format!("cannot load the network key {}", config.network_key_file.display()))?;
+    if network_key_created {
+        info!("new network key created: this node is a network of one; give this file to nodes that join \
+               (--network-key-file)"; "path" => %config.network_key_file.display());
+    }
 
-    // The hub and the shards need each other's addresses: make the hub's first.
+    // The hub, the sync actor and the shards need each other's addresses: make the
+    // mailboxes first.
     let hub_ctx = Context::<EventHub>::new();
+    let sync_ctx = Context::<SyncActor>::new();
     let env = Arc::new(ShardEnv {
         node_id: node_id.clone(),
         sequencer: sequencer.clone(),
         hub: hub_ctx.address(),
         keys: keys.clone(),
+        hlc: Arc::new(crate::replication::hlc(&node_id)),
+        outbox: sync_ctx.address().recipient(),
     });
     let mut addrs = Vec::with_capacity(urls.len());
     for (index, url) in urls.iter().enumerate() {
@@ -242,9 +254,16 @@ async fn start(
     };
     let recommender = RecommendActor::new(shards.clone(), recommend_settings).start();
     let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
-    let peer = PeerActor::new(key, config.p2p.clone()).context("cannot start the peer-to-peer network")?;
+    let replication =
+        crate::actors::peer::Replication { keys: network_keys.clone(), sync: sync_ctx.address().recipient() };
+    let peer = PeerActor::new(key, config.p2p.clone(), replication).context("cannot start the peer-to-peer network")?;
     let peer_id = peer.peer_id().to_string();
     let peer = Supervisor::start(move |_| peer);
+    let sync_settings = SyncSettings {
+        interval: config.sync_interval.unwrap_or(Duration::from_secs(86_400 * 365)),
+        ..SyncSettings::default()
+    };
+    let sync = sync_ctx.run(SyncActor::new(node_id.clone(), network_keys, shards.clone(), peer.clone(), sync_settings));
     let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone(), recommender.clone(), peer.clone()).start();
     let state = AppState {
         shards: shards.clone(),
@@ -252,6 +271,7 @@ async fn start(
         tokens: tokens.clone(),
         hub,
         supervisor: supervisor.clone(),
+        sync: sync.clone(),
         ws_queue: config.ws_queue,
         recommend_k: config.recommend_k,
     };

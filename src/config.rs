@@ -36,6 +36,8 @@ pub mod defaults {
     pub const WS_QUEUE: usize = 1024;
     pub const KEY_FILE: &str = "keys.json";
     pub const RESEAL_BATCH: u32 = 500;
+    pub const NETWORK_KEY_FILE: &str = "network.key";
+    pub const SYNC_INTERVAL: &str = "30s";
     pub const LOGIN_FAILURES_PER_ADDRESS: u32 = 20;
     pub const LOGIN_FAILURES_PER_USERNAME: u32 = 5;
     pub const LOG_LEVEL: &str = "info";
@@ -116,6 +118,17 @@ pub struct NodeArgs {
     #[arg(long, env = "COSMICSYNC_RESEAL_BATCH", value_name = "ROWS")]
     pub reseal_batch: Option<u32>,
 
+    /// The network key (32 bytes, mode 0600) of the network to join: copy
+    /// <data-dir>/network.key from any member. Without it the node uses its own
+    /// <data-dir>/network.key, created on first start (a network of one)
+    #[arg(long, env = "COSMICSYNC_NETWORK_KEY_FILE", value_name = "FILE")]
+    pub network_key_file: Option<PathBuf>,
+
+    /// Mean time between reconciliations with a few peers (jittered ±50 %), e.g. 10s, 5m;
+    /// off reconciles only when a peer connects [default: 30s]
+    #[arg(long, env = "COSMICSYNC_SYNC_INTERVAL", value_name = "DURATION")]
+    pub sync_interval: Option<String>,
+
     /// A browser origin allowed to call the API cross-origin (repeatable); CORS is off
     /// when none is given
     #[arg(long = "cors-origin", env = "COSMICSYNC_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
@@ -162,6 +175,8 @@ pub struct FileConfig {
     pub ws_queue: Option<usize>,
     pub key_file: Option<PathBuf>,
     pub reseal_batch: Option<u32>,
+    pub network_key_file: Option<PathBuf>,
+    pub sync_interval: Option<String>,
     pub cors_origins: Option<Vec<String>>,
     pub login_failures_per_address: Option<u32>,
     pub login_failures_per_username: Option<u32>,
@@ -209,6 +224,11 @@ pub struct NodeConfig {
     pub ws_queue: usize,
     pub key_file: PathBuf,
     pub reseal_batch: u32,
+    /// The network key file, and whether it was given (then it must exist).
+    pub network_key_file: PathBuf,
+    pub network_key_given: bool,
+    /// Periodic reconciliation; `None`: only when peers connect.
+    pub sync_interval: Option<std::time::Duration>,
     pub cors_origins: Vec<String>,
     pub login_failures_per_address: NonZeroU32,
     pub login_failures_per_username: NonZeroU32,
@@ -358,6 +378,15 @@ impl NodeConfig {
         if !(1..=100_000).contains(&reseal_batch) {
             return Err(invalid("reseal-batch", "must be 1-100000"));
         }
+        let given = args.network_key_file.clone().or(file.network_key_file);
+        let network_key_given = given.is_some();
+        let network_key_file = match given {
+            Some(path) => std::path::absolute(path).map_err(|e| invalid("network-key-file", e.to_string()))?,
+            None => data_dir.join(defaults::NETWORK_KEY_FILE),
+        };
+        let interval = args.sync_interval.clone().or(file.sync_interval);
+        let sync_interval = parse_interval(interval.as_deref().unwrap_or(defaults::SYNC_INTERVAL))
+            .map_err(|m| invalid("sync-interval", m))?;
         let cors_origins = list(&args.cors_origins, file.cors_origins, &[]);
         for origin in &cors_origins {
             let host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
@@ -411,6 +440,9 @@ impl NodeConfig {
             ws_queue,
             key_file,
             reseal_batch,
+            network_key_file,
+            network_key_given,
+            sync_interval,
             cors_origins,
             login_failures_per_address,
             login_failures_per_username,

@@ -21,6 +21,7 @@ pub mod model;
 pub mod p2p;
 pub mod placement;
 pub mod problem;
+pub mod replication;
 pub mod sealing;
 pub mod secrets;
 pub mod sequencer;

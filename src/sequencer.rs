@@ -41,10 +41,12 @@ impl Sequencer {
         self.next.load(Ordering::SeqCst)
     }
 
-    /// The next number. Fails only if the reservation cannot be written to disk.
-    pub fn allocate(&self) -> std::io::Result<i64> {
+    /// The next number. Fails only if the reservation cannot be written to disk; the
+    /// error carries the number that was taken all the same, which the caller must report
+    /// void (it is never handed out again, and the hub must not wait for it).
+    pub fn allocate(&self) -> Result<i64, (i64, std::io::Error)> {
         let s = self.next.fetch_add(1, Ordering::SeqCst);
-        self.reserve_through(s)?;
+        self.reserve_through(s).map_err(|e| (s, e))?;
         Ok(s)
     }
 

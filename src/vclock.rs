@@ -90,6 +90,11 @@ impl VectorClock {
         self.0.iter().filter(|(_, c)| **c > 0)
     }
 
+    /// The non-zero entries in node order (equal histories give equal sequences).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.normalized().map(|(n, c)| (n.as_str(), *c))
+    }
+
     /// A strong HTTP entity tag for a row version: a hash of the normalised clock.
     /// Two versions have the same tag exactly when their clocks are equal.
     pub fn etag(&self) -> String {

@@ -9,9 +9,13 @@
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{Swarm, autonat, connection_limits, dcutr, identify, kad, mdns, ping, relay, tls, upnp, yamux};
+use libp2p::{
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, ping, relay, tls, upnp,
+    yamux,
+};
 
 use crate::p2p::config::{KadMode, P2pConfig};
 
@@ -30,6 +34,24 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// finish cannot exhaust the node.
 const MAX_PENDING_INCOMING: u32 = 64;
 
+/// The replication protocol peers reconcile over (request-response, CBOR frames holding
+/// sealed bytes).
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/cosmicsync/sync/1");
+
+/// The largest gossip message accepted or sent. Deliberate: large enough for a batch of
+/// row states, small enough that the message cache (a few heartbeats of messages) stays
+/// small. Larger batches are split; a single state too large for it travels by
+/// reconciliation instead.
+pub const GOSSIP_MAX_BYTES: usize = 256 * 1024;
+
+/// The largest sync request and response (request-response frames); batches stay well
+/// under it.
+pub const SYNC_MAX_BYTES: u64 = 8 * 1024 * 1024;
+
+/// A sealed replication frame on the sync protocol: opaque bytes to the network layer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SyncFrame(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
 /// Every behaviour the node runs, polled together by the Swarm.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -44,6 +66,8 @@ pub struct Behaviour {
     pub dcutr: dcutr::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub upnp: Toggle<upnp::tokio::Behaviour>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub sync: request_response::cbor::Behaviour<SyncFrame, SyncFrame>,
 }
 
 /// Why the network stack could not be built.
@@ -135,6 +159,16 @@ fn behaviour(
         },
     );
 
+    let gossipsub = gossip(key)?;
+    let codec = request_response::cbor::codec::Codec::default()
+        .set_request_size_maximum(SYNC_MAX_BYTES)
+        .set_response_size_maximum(SYNC_MAX_BYTES);
+    let sync = request_response::Behaviour::with_codec(
+        codec,
+        [(SYNC_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+    );
+
     let mdns = if config.mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
     let upnp = config.upnp.then(upnp::tokio::Behaviour::default);
 
@@ -149,5 +183,50 @@ fn behaviour(
         dcutr: dcutr::Behaviour::new(peer_id),
         mdns: mdns.into(),
         upnp: upnp.into(),
+        gossipsub,
+        sync,
     })
+}
+
+/// Gossipsub for the replication topic: signed messages, ids from content (a sealed
+/// message carries a fresh nonce, so equal changes still differ), explicit validation
+/// (the event loop opens each message before it is forwarded), and peer scoring so a
+/// peer that sends messages which do not open loses standing and is then ignored.
+fn gossip(key: &Keypair) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let config = gossipsub::ConfigBuilder::default()
+        .max_transmit_size(GOSSIP_MAX_BYTES)
+        .validate_messages()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .message_id_fn(|m: &gossipsub::Message| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            m.data.hash(&mut h);
+            m.source.hash(&mut h);
+            gossipsub::MessageId::from(h.finish().to_be_bytes().to_vec())
+        })
+        // Small networks: a few peers form the mesh; publish to every subscribed peer.
+        .mesh_n_low(1)
+        .mesh_n(4)
+        .mesh_n_high(8)
+        .mesh_outbound_min(0)
+        .flood_publish(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut behaviour = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?;
+    behaviour.with_peer_score(gossipsub::PeerScoreParams::default(), gossipsub::PeerScoreThresholds::default())?;
+    Ok(behaviour)
+}
+
+/// Score parameters of the replication topic: a message that does not open (another
+/// network, forged, altered) costs its sender heavily; quiet peers cost nothing (a
+/// network may be idle for hours).
+pub fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..Default::default()
+    }
 }

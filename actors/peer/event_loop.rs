@@ -13,17 +13,22 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, kad, mdns, ping, relay, upnp};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, gossipsub, identify, kad, mdns, ping, relay, upnp,
+};
 use slog_scope::{debug, info, warn};
 use tokio::sync::{mpsc, oneshot};
 
-use super::behaviour::{Behaviour, BehaviourEvent};
+use super::behaviour::{Behaviour, BehaviourEvent, SYNC_PROTOCOL, SyncFrame, topic_score_params};
 use super::report::{FoundPeer, NetworkReport, PeerReport, RelayReservation};
+use crate::actors::sync::FromNetwork;
 use crate::p2p::addr::{is_loopback, is_relayed, is_shareable, with_port_of, without_peer_id};
 use crate::p2p::backoff::Backoff;
 use crate::p2p::config::P2pConfig;
+use crate::replication::netkey::{Kind, NetworkKeys};
 
 /// How often the loop re-dials lost bootstrap peers and looks for a relay.
 const MAINTAIN_INTERVAL: Duration = Duration::from_secs(5);
@@ -43,6 +48,23 @@ pub enum Command {
     FindPeer(PeerId, oneshot::Sender<Result<FoundPeer, LookupError>>),
     /// Disconnect from every peer, then end the loop.
     Shutdown(oneshot::Sender<()>),
+    /// Publishes a sealed batch on the replication topic (best effort).
+    Publish(Vec<u8>),
+    /// Sends a sealed sync request to a peer; the answer is its sealed response.
+    Request(PeerId, Vec<u8>, oneshot::Sender<Result<Vec<u8>, String>>),
+    /// Answers the inbound sync request `id` with a sealed response.
+    Respond(u64, Vec<u8>),
+}
+
+/// At most this many inbound sync requests wait for an answer; more are refused.
+const MAX_INBOUND: usize = 64;
+
+/// The replication side of the loop: the network's keys (to open messages before they
+/// are accepted) and where opened ones go.
+#[derive(Clone)]
+pub struct Replication {
+    pub keys: NetworkKeys,
+    pub sync: actix::Recipient<FromNetwork>,
 }
 
 /// Why a lookup gave no addresses.
@@ -119,6 +141,12 @@ pub struct EventLoop {
     reservations: HashMap<libp2p::core::transport::ListenerId, Reservation>,
     finds: HashMap<kad::QueryId, PendingFind>,
     backoff: Backoff<PeerId>,
+    replication: Replication,
+    topic: gossipsub::IdentTopic,
+    /// Inbound sync requests waiting for the SyncActor's answer.
+    inbound: HashMap<u64, ResponseChannel<SyncFrame>>,
+    next_inbound: u64,
+    outbound: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, String>>>,
 }
 
 impl EventLoop {
@@ -129,8 +157,10 @@ impl EventLoop {
         config: P2pConfig,
         listeners: Vec<libp2p::core::transport::ListenerId>,
         bound: Arc<Mutex<Vec<Multiaddr>>>,
+        replication: Replication,
     ) -> Self {
         let listening = listeners.iter().map(|id| (*id, false)).collect();
+        let topic = gossipsub::IdentTopic::new(replication.keys.topic());
         Self {
             swarm,
             commands,
@@ -143,6 +173,11 @@ impl EventLoop {
             reservations: HashMap::new(),
             finds: HashMap::new(),
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
+            replication,
+            topic,
+            inbound: HashMap::new(),
+            next_inbound: 0,
+            outbound: HashMap::new(),
         }
     }
 
@@ -152,6 +187,13 @@ impl EventLoop {
             self.swarm.add_external_address(addr);
         }
         self.join_bootstrap();
+        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+        if let Err(e) = gossip.subscribe(&self.topic) {
+            warn!("cannot subscribe to the replication topic"; "error" => %e);
+        }
+        if let Err(e) = gossip.set_topic_params(self.topic.clone(), topic_score_params()) {
+            warn!("cannot set the replication topic's score parameters"; "error" => %e);
+        }
         let mut tick = tokio::time::interval(MAINTAIN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -192,6 +234,89 @@ impl EventLoop {
                 self.finds.insert(id, PendingFind { target, started: Instant::now(), reply });
             }
             Command::Shutdown(_) => {}
+            Command::Publish(bytes) => {
+                let size = bytes.len();
+                match self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+                    Ok(_) => {}
+                    // Nobody to tell yet: reconciliation carries the change when a peer comes.
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                    Err(e) => {
+                        debug!("gossip publish failed; reconciliation will carry it"; "error" => %e, "bytes" => size)
+                    }
+                }
+            }
+            Command::Request(peer, bytes, reply) => {
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncFrame(bytes));
+                self.outbound.insert(id, reply);
+            }
+            Command::Respond(id, bytes) => {
+                if let Some(channel) = self.inbound.remove(&id)
+                    && self.swarm.behaviour_mut().sync.send_response(channel, SyncFrame(bytes)).is_err()
+                {
+                    debug!("sync response not sent: the peer went away");
+                }
+            }
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message { propagation_source, message_id, message } => {
+                let opened = self.replication.keys.open(Kind::Gossip, &message.data);
+                let verdict = match &opened {
+                    Ok(_) => gossipsub::MessageAcceptance::Accept,
+                    Err(e) => {
+                        warn!("gossip message refused: it does not open with this network's key";
+                              "peer" => %propagation_source, "error" => %e);
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                };
+                let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+                gossip.report_message_validation_result(&message_id, &propagation_source, verdict);
+                if let Ok(payload) = opened {
+                    self.replication.sync.do_send(FromNetwork::Gossip { from: propagation_source, payload });
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, .. } => {
+                debug!("peer joined the replication topic"; "peer" => %peer_id)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_sync(&mut self, event: request_response::Event<SyncFrame, SyncFrame>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                let Ok(payload) = self.replication.keys.open(Kind::SyncRequest, &request.0) else {
+                    // Not a member of this network: no answer (the channel drops).
+                    warn!("sync request refused: it does not open with this network's key"; "peer" => %peer);
+                    return;
+                };
+                if self.inbound.len() >= MAX_INBOUND {
+                    debug!("sync request refused: too many waiting"; "peer" => %peer);
+                    return;
+                }
+                let id = self.next_inbound;
+                self.next_inbound += 1;
+                self.inbound.insert(id, channel);
+                self.replication.sync.do_send(FromNetwork::Request { peer, id, payload });
+            }
+            Event::Message { message: Message::Response { request_id, response }, .. } => {
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Ok(response.0));
+                }
+            }
+            Event::OutboundFailure { request_id, error, peer, .. } => {
+                debug!("sync request failed"; "peer" => %peer, "error" => %error);
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!("sync request from a peer failed"; "peer" => %peer, "error" => %error)
+            }
+            Event::ResponseSent { .. } => {}
         }
     }
 
@@ -312,6 +437,7 @@ impl EventLoop {
                 }
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
+                    self.replication.sync.do_send(FromNetwork::PeerGone(peer_id));
                     info!("peer disconnected"; "peer" => %peer_id,
                           "cause" => cause.map(|c| c.to_string()).unwrap_or_else(|| "closed".into()));
                 }
@@ -344,6 +470,8 @@ impl EventLoop {
                 debug!("ping failed"; "peer" => %peer, "error" => %e);
             }
             BehaviourEvent::Kad(event) => self.on_kad(event),
+            BehaviourEvent::Gossipsub(event) => self.on_gossip(event),
+            BehaviourEvent::Sync(event) => self.on_sync(event),
             BehaviourEvent::Autonat(autonat::v1::Event::StatusChanged { old, new }) => {
                 info!("NAT status changed"; "from" => nat_name(&old), "to" => nat_name(&new),
                       "public_addr" => match &new { autonat::v1::NatStatus::Public(a) => a.to_string(), _ => String::new() });
@@ -408,6 +536,9 @@ impl EventLoop {
         let addrs: Vec<Multiaddr> =
             info.listen_addrs.into_iter().filter(|a| is_shareable(a, via_loopback)).take(32).collect();
         state.listen_addrs = addrs.clone();
+        if info.protocols.contains(&SYNC_PROTOCOL) {
+            self.replication.sync.do_send(FromNetwork::PeerReady(peer_id));
+        }
         if info.protocols.contains(&self.config.kad_protocol) {
             for addr in addrs {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -471,6 +602,7 @@ impl EventLoop {
         let listen_addrs = self.swarm.listeners().filter(|a| !is_relayed(a)).map(|a| a.to_string()).collect();
         let external: Vec<String> = self.swarm.external_addresses().map(|a| a.to_string()).collect();
         let relay_service = self.config.relay.max_reservations > 0 && !external.is_empty();
+        let gossip = &self.swarm.behaviour().gossipsub;
         let mut peers: Vec<PeerReport> = self
             .peers
             .iter()
@@ -483,6 +615,7 @@ impl EventLoop {
                     connections: p.conns.len(),
                     rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     agent: p.agent.clone(),
+                    gossip_score: gossip.peer_score(id),
                 })
             })
             .collect();

@@ -25,6 +25,7 @@ use slog_scope::{error, info, warn};
 use tokio::sync::{mpsc, oneshot};
 
 use self::behaviour::{Behaviour, build_swarm};
+pub use self::event_loop::Replication;
 use self::event_loop::{Command, EventLoop, LookupError};
 pub use self::report::{FoundPeer, NetworkReport, PeerReport, RelayReservation};
 use crate::p2p::config::P2pConfig;
@@ -53,6 +54,8 @@ pub enum PeerError {
     Lookup(#[from] LookupError),
     #[error("cannot start the network: {0}")]
     Start(String),
+    #[error("sync request failed: {0}")]
+    Sync(String),
 }
 
 impl From<PeerError> for ApiError {
@@ -63,7 +66,7 @@ impl From<PeerError> for ApiError {
             PeerError::Lookup(LookupError::NoPeers) | PeerError::Unavailable | PeerError::Timeout => {
                 ApiError::Unavailable(e.to_string())
             }
-            PeerError::Start(_) => ApiError::Internal(e.to_string()),
+            PeerError::Start(_) | PeerError::Sync(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -110,12 +113,13 @@ pub struct PeerActor {
     stopping: bool,
     restarts: u32,
     last_error: Option<String>,
+    replication: Replication,
 }
 
 impl PeerActor {
     /// Builds the Swarm and opens its listeners now, so a bad address or a port in use is
     /// a start error; the event loop starts with the actor.
-    pub fn new(key: Keypair, config: P2pConfig) -> Result<Self, PeerError> {
+    pub fn new(key: Keypair, config: P2pConfig, replication: Replication) -> Result<Self, PeerError> {
         let first = start_swarm(&key, &config, &config.listen)?;
         Ok(Self {
             key,
@@ -127,6 +131,7 @@ impl PeerActor {
             stopping: false,
             restarts: 0,
             last_error: None,
+            replication,
         })
     }
 
@@ -198,7 +203,14 @@ impl PeerActor {
         };
         info!("network starting"; "peer_id" => %self.peer_id(), "restarts" => self.restarts);
         let (tx, rx) = mpsc::channel(64);
-        let event_loop = EventLoop::new(started.swarm, rx, self.config.clone(), started.listeners, self.bound.clone());
+        let event_loop = EventLoop::new(
+            started.swarm,
+            rx,
+            self.config.clone(),
+            started.listeners,
+            self.bound.clone(),
+            self.replication.clone(),
+        );
         let handle = tokio::spawn(event_loop.run());
         self.task = Some(handle.abort_handle());
         self.commands = Some(tx);
@@ -270,5 +282,58 @@ impl Handler<Disconnect> for PeerActor {
                 warn!("graceful network shutdown incomplete"; "error" => %e);
             }
         })
+    }
+}
+
+/// Publishes a sealed batch of changes on the replication topic (best effort: gossip may
+/// drop it; reconciliation is the guarantee).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish(pub Vec<u8>);
+
+impl Handler<Publish> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, msg: Publish, _: &mut Self::Context) {
+        if let Some(commands) = &self.commands
+            && commands.try_send(Command::Publish(msg.0)).is_err()
+        {
+            warn!("network busy: a gossip batch was not published; reconciliation will carry it");
+        }
+    }
+}
+
+/// Sends a sealed sync request to a peer and waits for its sealed response.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u8>, PeerError>")]
+pub struct SyncRequest {
+    pub peer: PeerId,
+    pub sealed: Vec<u8>,
+}
+
+/// How long one sync request may take (the protocol's own timeout is 30 s).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(35);
+
+impl Handler<SyncRequest> for PeerActor {
+    type Result = ResponseFuture<Result<Vec<u8>, PeerError>>;
+    fn handle(&mut self, msg: SyncRequest, _: &mut Self::Context) -> Self::Result {
+        let answer = self.ask(move |tx| Command::Request(msg.peer, msg.sealed, tx), SYNC_TIMEOUT);
+        Box::pin(async move { answer.await?.map_err(PeerError::Sync) })
+    }
+}
+
+/// Answers an inbound sync request.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SyncRespond {
+    pub id: u64,
+    pub sealed: Vec<u8>,
+}
+
+impl Handler<SyncRespond> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, msg: SyncRespond, _: &mut Self::Context) {
+        if let Some(commands) = &self.commands {
+            let _ = commands.try_send(Command::Respond(msg.id, msg.sealed));
+        }
     }
 }

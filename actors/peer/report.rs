@@ -65,6 +65,10 @@ pub struct PeerReport {
     /// The peer's agent version (from identify).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The peer's gossip score: negative once it sent replication messages that do not
+    /// open with this network's key (below -80 its messages are ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_score: Option<f64>,
 }
 
 /// The answer of a DHT peer lookup.

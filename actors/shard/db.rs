@@ -18,11 +18,14 @@ use uuid::Uuid;
 
 use super::{ConnectionLost, ShardActor};
 use crate::actors::event_hub::{EventHub, Report};
+use crate::actors::sync::{LocalChange, Published};
 use crate::model::{ChangeEvent, Entity, Op, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
 use crate::problem::StoreError;
+use crate::replication::rows;
+use crate::replication::rules::{self, RowState, Write, WriteCtx};
 use crate::sealing::{KeyCheck, Keyring, Sealed, SharedKeyring, email_context};
 use crate::sequencer::Sequencer;
-use crate::vclock::{VectorClock, if_match_allows};
+use crate::vclock::VectorClock;
 
 /// What every shard shares: who this node is, the sequence, and where events go.
 pub struct ShardEnv {
@@ -31,6 +34,10 @@ pub struct ShardEnv {
     pub hub: Addr<EventHub>,
     /// The data keys that seal sensitive columns.
     pub keys: Arc<SharedKeyring>,
+    /// The node's hybrid logical clock: the time of every write.
+    pub hlc: Arc<uhlc::HLC>,
+    /// Where committed local changes go to be published to the network.
+    pub outbox: actix::Recipient<Published>,
 }
 
 /// A directory entry kind: what must be unique across the whole node.
@@ -79,12 +86,18 @@ pub struct ProjectQuery {
 struct PendingChanges {
     hub: Addr<EventHub>,
     events: Vec<ChangeEvent>,
+    /// Local changes to publish once committed (remote ones are not published again).
+    local: Vec<LocalChange>,
+    outbox: actix::Recipient<Published>,
 }
 
 impl PendingChanges {
     fn committed(mut self) {
         for event in self.events.drain(..) {
             self.hub.do_send(Report::Committed(event));
+        }
+        if !self.local.is_empty() {
+            self.outbox.do_send(Published(std::mem::take(&mut self.local)));
         }
     }
 }
@@ -105,31 +118,36 @@ struct NewChange {
     owner_id: Uuid,
     vclock: VectorClock,
     data: serde_json::Value,
+    /// For a change from another node: its origin and the origin's sequence number
+    /// (0 when unknown). `None`: made here (published after commit).
+    origin: Option<(String, i64)>,
+    state: RowState,
 }
 
 impl NewChange {
-    fn user(op: Op, u: &UserRow) -> Self {
-        Self {
-            entity: Entity::User,
-            op,
-            id: u.id,
-            owner_id: u.id,
-            vclock: u.vclock.clone(),
-            data: to_json(&u.view(None)),
-        }
-    }
-
-    fn profile(op: Op, p: &Profile) -> Self {
-        Self { entity: Entity::Profile, op, id: p.id, owner_id: p.user_id, vclock: p.vclock.clone(), data: to_json(p) }
-    }
-
-    fn project(op: Op, p: &Project) -> Self {
-        let data = match op {
-            // A tombstone: enough to identify what went, nothing more.
-            Op::Delete => serde_json::json!({ "id": p.id, "creator_id": p.creator_id, "deleted_at": p.updated_at }),
-            _ => to_json(p),
+    /// The change-log entry of a row's new state: its public view (never a hash or an
+    /// email), or for a deleted project a tombstone naming what went.
+    fn of(op: Op, state: &RowState) -> Result<Self, StoreError> {
+        let unreadable = |e: rows::Unreadable| StoreError::Database(e.to_string());
+        let data = match state.entity {
+            Entity::User => to_json(&rows::user(state).map_err(unreadable)?.view(None)),
+            Entity::Profile => to_json(&rows::profile(state).map_err(unreadable)?),
+            Entity::Project if state.is_deleted() => {
+                let p = rows::project(state).map_err(unreadable)?;
+                serde_json::json!({ "id": p.id, "creator_id": p.creator_id, "deleted_at": p.updated_at })
+            }
+            Entity::Project => to_json(&rows::project(state).map_err(unreadable)?),
         };
-        Self { entity: Entity::Project, op, id: p.id, owner_id: p.creator_id, vclock: p.vclock.clone(), data }
+        Ok(Self {
+            entity: state.entity,
+            op,
+            id: state.id,
+            owner_id: state.owner,
+            vclock: state.clock.clone(),
+            data,
+            origin: None,
+            state: state.clone(),
+        })
     }
 }
 
@@ -151,6 +169,10 @@ macro_rules! project_columns {
         "id, creator_id, name, description, tags, created_at, updated_at, vclock"
     };
 }
+
+// After the column macros, which it uses.
+mod state;
+pub use state::{RemoteApplied, RemoteState};
 
 /// Reads a user row, opening the sealed email.
 fn user_from(row: &Row, keys: &Keyring) -> Result<UserRow, StoreError> {
@@ -197,10 +219,14 @@ fn project_from(row: &Row) -> Project {
     }
 }
 
-fn check_if_match(if_match: Option<&str>, clock: &VectorClock) -> Result<(), StoreError> {
-    match if_match {
-        Some(header) if !if_match_allows(header, &clock.etag()) => Err(StoreError::PreconditionFailed),
-        _ => Ok(()),
+/// Adds a field of a partial update when the request sets it.
+fn set<T: serde::Serialize>(
+    fields: &mut std::collections::BTreeMap<String, serde_json::Value>,
+    name: &str,
+    value: Option<T>,
+) {
+    if let Some(v) = value {
+        fields.insert(name.to_owned(), to_json(&v));
     }
 }
 
@@ -267,7 +293,15 @@ impl Db {
     /// Allocates sequence numbers and writes the change-log entries, last thing before
     /// COMMIT so the hub waits on them as briefly as possible.
     async fn log_changes(&self, tx: &Transaction<'_>, changes: Vec<NewChange>) -> Result<PendingChanges, StoreError> {
-        let mut pending = PendingChanges { hub: self.env.hub.clone(), events: Vec::with_capacity(changes.len()) };
+        let mut pending = PendingChanges {
+            hub: self.env.hub.clone(),
+            events: Vec::with_capacity(changes.len()),
+            local: Vec::new(),
+            outbox: self.env.outbox.clone(),
+        };
+        if changes.is_empty() {
+            return Ok(pending);
+        }
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO changes (seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at)
@@ -276,15 +310,18 @@ impl Db {
             .await
             .map_err(|e| self.fail(e))?;
         for c in changes {
-            let seq = self
-                .env
-                .sequencer
-                .allocate()
-                .map_err(|e| StoreError::Database(format!("cannot reserve sequence numbers: {e}")))?;
+            let seq = self.allocate(&pending)?;
+            let (origin, origin_seq) = match c.origin {
+                Some(remote) => remote,
+                None => {
+                    pending.local.push(LocalChange { seq, state: c.state });
+                    (self.env.node_id.clone(), seq)
+                }
+            };
             pending.events.push(ChangeEvent {
                 seq,
-                origin: self.env.node_id.clone(),
-                origin_seq: seq,
+                origin,
+                origin_seq,
                 entity: c.entity,
                 op: c.op,
                 id: c.id,
@@ -313,6 +350,43 @@ impl Db {
             .map_err(|e| self.fail(e))?;
         }
         Ok(pending)
+    }
+
+    /// The next sequence number. One that was handed out but could not be reserved on
+    /// disk is reported void at once, so the hub never waits for it.
+    fn allocate(&self, pending: &PendingChanges) -> Result<i64, StoreError> {
+        self.env.sequencer.allocate().map_err(|(seq, e)| {
+            pending.hub.do_send(Report::Void(seq..seq + 1));
+            StoreError::Database(format!("cannot reserve sequence numbers: {e}"))
+        })
+    }
+
+    /// Runs the write rules on a row inside `tx`: reads and locks its stored state,
+    /// applies `write`, stores the result. Returns the new state and its log entry.
+    async fn write(
+        &self,
+        tx: &Transaction<'_>,
+        entity: Entity,
+        id: Uuid,
+        write: Write,
+        caller: Option<Uuid>,
+        if_match: Option<&str>,
+    ) -> Result<(RowState, NewChange), StoreError> {
+        let stored = match &write {
+            Write::Create { .. } => None,
+            _ => self.load(tx, entity, id).await?,
+        };
+        let op = match &write {
+            Write::Create { .. } => Op::Create,
+            Write::Update { .. } => Op::Update,
+            Write::Delete => Op::Delete,
+        };
+        let hlc = self.write_time(stored.as_ref().map_or(0, RowState::last_hlc));
+        let ctx = WriteCtx { node: &self.env.node_id, hlc, caller, if_match };
+        let applied = rules::apply_local(stored.as_ref(), write, &ctx).map_err(|r| state::refused_for(entity, r))?;
+        self.store(tx, &applied).await?;
+        let change = NewChange::of(op, &applied.state)?;
+        Ok((applied.state, change))
     }
 
     async fn insert_claims(&self, tx: &Transaction<'_>, claims: &[DirEntry]) -> Result<(), StoreError> {
@@ -397,50 +471,22 @@ impl Db {
         profile: Profile,
         local_claims: Vec<DirEntry>,
     ) -> Result<UserRow, StoreError> {
-        let (mut user, mut profile) = (user, profile);
-        user.vclock = VectorClock::new().incremented(&self.env.node_id);
-        profile.vclock = user.vclock.clone();
-        let email = self.env.keys.get().seal(user.email.as_bytes(), &email_context(&user.id));
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         self.record_commit(&tx, txid).await?;
         self.insert_claims(&tx, &local_claims).await?;
-        tx.execute(
-            concat!("INSERT INTO users (", user_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
-            &[
-                &user.id,
-                &user.username,
-                &email.key_id,
-                &email.bytes,
-                &user.password_hash,
-                &user.profile_id,
-                &user.created_at,
-                &user.updated_at,
-                &user.password_changed_at,
-                &Json(&user.vclock),
-            ],
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
-        tx.execute(
-            concat!("INSERT INTO profiles (", profile_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
-            &[
-                &profile.id,
-                &profile.user_id,
-                &profile.name,
-                &profile.bio,
-                &profile.skills,
-                &profile.interests,
-                &profile.created_at,
-                &profile.updated_at,
-                &Json(&profile.vclock),
-            ],
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
-        self.log_and_commit(tx, vec![NewChange::user(Op::Create, &user), NewChange::profile(Op::Create, &profile)])
-            .await?;
-        Ok(user)
+        let create =
+            Write::Create { entity: Entity::User, id: user.id, owner: user.id, fields: rows::user_fields(&user) };
+        let (state, user_change) = self.write(&tx, Entity::User, user.id, create, None, None).await?;
+        let create = Write::Create {
+            entity: Entity::Profile,
+            id: profile.id,
+            owner: user.id,
+            fields: rows::profile_fields(&profile),
+        };
+        let (_, profile_change) = self.write(&tx, Entity::Profile, profile.id, create, None, None).await?;
+        self.log_and_commit(tx, vec![user_change, profile_change]).await?;
+        rows::user(&state).map_err(|e| StoreError::Database(e.to_string()))
     }
 
     /// Changes a user's username, email and/or password hash. `expected` is the
@@ -459,51 +505,31 @@ impl Db {
     ) -> Result<UserRow, StoreError> {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
-        let row = tx
-            .query_opt(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1 FOR UPDATE"), &[&id])
-            .await
-            .map_err(|e| self.fail(e))?;
-        let mut user = user_from(&row.ok_or(StoreError::NotFound("user"))?, &self.env.keys.get())?;
-        check_if_match(if_match.as_deref(), &user.vclock)?;
-        if (user.username.as_str(), user.email.as_str()) != (expected.0.as_str(), expected.1.as_str()) {
+        let stored = self.load(&tx, Entity::User, id).await?.ok_or(StoreError::NotFound("user"))?;
+        let current = rows::user(&stored).map_err(|e| StoreError::Database(e.to_string()))?;
+        if (current.username.as_str(), current.email.as_str()) != (expected.0.as_str(), expected.1.as_str()) {
             return Err(StoreError::Conflict("the user was changed concurrently; retry".into()));
         }
         self.record_commit(&tx, txid).await?;
         self.delete_claims(&tx, &local_releases).await?;
         self.insert_claims(&tx, &local_claims).await?;
         let now = crate::model::now();
+        let mut fields = std::collections::BTreeMap::new();
         if let Some(username) = change.username {
-            user.username = username;
+            fields.insert("username".to_owned(), serde_json::json!(username));
         }
         if let Some(email) = change.email {
-            user.email = email;
+            fields.insert("email".to_owned(), serde_json::json!(email));
         }
         if let Some(hash) = change.password_hash {
-            user.password_hash = hash;
-            user.password_changed_at = now;
+            fields.insert("password_hash".to_owned(), serde_json::json!(hash));
+            fields.insert("password_changed_at".to_owned(), serde_json::json!(now));
         }
-        user.updated_at = now;
-        user.vclock.increment(&self.env.node_id);
-        // Always sealed afresh, under the current key: an update also finishes a rotation.
-        let email = self.env.keys.get().seal(user.email.as_bytes(), &email_context(&user.id));
-        tx.execute(
-            "UPDATE users SET username = $2, email_key = $3, email_sealed = $4, password_hash = $5, updated_at = $6,
-                              password_changed_at = $7, vclock = $8 WHERE id = $1",
-            &[
-                &user.id,
-                &user.username,
-                &email.key_id,
-                &email.bytes,
-                &user.password_hash,
-                &user.updated_at,
-                &user.password_changed_at,
-                &Json(&user.vclock),
-            ],
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
-        self.log_and_commit(tx, vec![NewChange::user(Op::Update, &user)]).await?;
-        Ok(user)
+        fields.insert(rules::UPDATED_AT.to_owned(), serde_json::json!(now));
+        let (state, change) =
+            self.write(&tx, Entity::User, id, Write::Update { fields }, None, if_match.as_deref()).await?;
+        self.log_and_commit(tx, vec![change]).await?;
+        rows::user(&state).map_err(|e| StoreError::Database(e.to_string()))
     }
 
     // ----- two-phase commit (directory entries on other shards) --------------------
@@ -595,62 +621,44 @@ impl Db {
         if_match: Option<String>,
         update: ProfileUpdate,
     ) -> Result<Profile, StoreError> {
+        let ProfileUpdate { name, bio, skills, interests } = update;
+        let mut fields = std::collections::BTreeMap::new();
+        set(&mut fields, "name", name);
+        set(&mut fields, "bio", bio);
+        set(&mut fields, "skills", skills);
+        set(&mut fields, "interests", interests);
+        fields.insert(rules::UPDATED_AT.to_owned(), serde_json::json!(crate::model::now()));
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
-        let row = tx
-            .query_opt(concat!("SELECT ", profile_columns!(), " FROM profiles WHERE id = $1 FOR UPDATE"), &[&id])
-            .await
-            .map_err(|e| self.fail(e))?;
-        let mut p = row.as_ref().map(profile_from).ok_or(StoreError::NotFound("profile"))?;
-        if p.user_id != caller {
-            return Err(StoreError::Forbidden("profile"));
-        }
-        check_if_match(if_match.as_deref(), &p.vclock)?;
-        let ProfileUpdate { name, bio, skills, interests } = update;
-        p.name = name.unwrap_or(p.name);
-        p.bio = bio.unwrap_or(p.bio);
-        p.skills = skills.unwrap_or(p.skills);
-        p.interests = interests.unwrap_or(p.interests);
-        p.updated_at = crate::model::now();
-        p.vclock.increment(&self.env.node_id);
-        tx.execute(
-            "UPDATE profiles SET name = $2, bio = $3, skills = $4, interests = $5, updated_at = $6, vclock = $7
-             WHERE id = $1",
-            &[&p.id, &p.name, &p.bio, &p.skills, &p.interests, &p.updated_at, &Json(&p.vclock)],
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
-        self.log_and_commit(tx, vec![NewChange::profile(Op::Update, &p)]).await?;
-        Ok(p)
+        let write = Write::Update { fields };
+        let (state, change) = self.write(&tx, Entity::Profile, id, write, Some(caller), if_match.as_deref()).await?;
+        self.log_and_commit(tx, vec![change]).await?;
+        rows::profile(&state).map_err(|e| StoreError::Database(e.to_string()))
     }
 
     // ----- projects ----------------------------------------------------------------
 
     pub async fn create_project(&self, project: Project) -> Result<Project, StoreError> {
-        let mut project = project;
-        project.vclock = VectorClock::new().incremented(&self.env.node_id);
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
-        let stmt = tx
-            .prepare_cached(concat!(
-                "INSERT INTO projects (",
-                project_columns!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-            ))
+        // The creator must be here: a project never outlives the rule that its creator exists.
+        let creator = tx
+            .query_opt("SELECT 1 FROM users WHERE id = $1 FOR KEY SHARE", &[&project.creator_id])
             .await
             .map_err(|e| self.fail(e))?;
-        let p = &project;
-        tx.execute(
-            &stmt,
-            &[&p.id, &p.creator_id, &p.name, &p.description, &p.tags, &p.created_at, &p.updated_at, &Json(&p.vclock)],
-        )
-        .await
-        .map_err(|e| match e.code() {
-            Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => StoreError::NotFound("user"),
-            _ => self.fail(e),
-        })?;
-        self.log_and_commit(tx, vec![NewChange::project(Op::Create, p)]).await?;
-        Ok(project)
+        if creator.is_none() {
+            return Err(StoreError::NotFound("user"));
+        }
+        let create = Write::Create {
+            entity: Entity::Project,
+            id: project.id,
+            owner: project.creator_id,
+            fields: rows::project_fields(&project),
+        };
+        let (state, change) =
+            self.write(&tx, Entity::Project, project.id, create, Some(project.creator_id), None).await?;
+        self.log_and_commit(tx, vec![change]).await?;
+        rows::project(&state).map_err(|e| StoreError::Database(e.to_string()))
     }
 
     pub async fn get_project(&self, id: Uuid) -> Result<Project, StoreError> {
@@ -667,32 +675,6 @@ impl Db {
         row.as_ref().map(project_from).ok_or(StoreError::NotFound("project"))
     }
 
-    async fn lock_project(
-        &self,
-        tx: &Transaction<'_>,
-        id: Uuid,
-        caller: Uuid,
-        if_match: Option<&str>,
-    ) -> Result<Project, StoreError> {
-        let row = tx
-            .query_opt(
-                concat!(
-                    "SELECT ",
-                    project_columns!(),
-                    " FROM projects WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"
-                ),
-                &[&id],
-            )
-            .await
-            .map_err(|e| self.fail(e))?;
-        let p = row.as_ref().map(project_from).ok_or(StoreError::NotFound("project"))?;
-        if p.creator_id != caller {
-            return Err(StoreError::Forbidden("project"));
-        }
-        check_if_match(if_match, &p.vclock)?;
-        Ok(p)
-    }
-
     /// Applies a validated update; omitted fields are kept. Creator only.
     pub async fn update_project(
         &self,
@@ -701,39 +683,27 @@ impl Db {
         if_match: Option<String>,
         update: ProjectUpdate,
     ) -> Result<Project, StoreError> {
+        let ProjectUpdate { name, description, tags } = update;
+        let mut fields = std::collections::BTreeMap::new();
+        set(&mut fields, "name", name);
+        set(&mut fields, "description", description);
+        set(&mut fields, "tags", tags);
+        fields.insert(rules::UPDATED_AT.to_owned(), serde_json::json!(crate::model::now()));
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
-        let mut p = self.lock_project(&tx, id, caller, if_match.as_deref()).await?;
-        let ProjectUpdate { name, description, tags } = update;
-        p.name = name.unwrap_or(p.name);
-        p.description = description.unwrap_or(p.description);
-        p.tags = tags.unwrap_or(p.tags);
-        p.updated_at = crate::model::now();
-        p.vclock.increment(&self.env.node_id);
-        tx.execute(
-            "UPDATE projects SET name = $2, description = $3, tags = $4, updated_at = $5, vclock = $6 WHERE id = $1",
-            &[&p.id, &p.name, &p.description, &p.tags, &p.updated_at, &Json(&p.vclock)],
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
-        self.log_and_commit(tx, vec![NewChange::project(Op::Update, &p)]).await?;
-        Ok(p)
+        let write = Write::Update { fields };
+        let (state, change) = self.write(&tx, Entity::Project, id, write, Some(caller), if_match.as_deref()).await?;
+        self.log_and_commit(tx, vec![change]).await?;
+        rows::project(&state).map_err(|e| StoreError::Database(e.to_string()))
     }
 
     /// Deletes a project, leaving a tombstone with a bumped clock. Creator only.
     pub async fn delete_project(&self, id: Uuid, caller: Uuid, if_match: Option<String>) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
-        let mut p = self.lock_project(&tx, id, caller, if_match.as_deref()).await?;
-        p.updated_at = crate::model::now();
-        p.vclock.increment(&self.env.node_id);
-        tx.execute(
-            "UPDATE projects SET deleted_at = $2, updated_at = $2, vclock = $3 WHERE id = $1",
-            &[&p.id, &p.updated_at, &Json(&p.vclock)],
-        )
-        .await
-        .map_err(|e| self.fail(e))?;
-        self.log_and_commit(tx, vec![NewChange::project(Op::Delete, &p)]).await
+        let (_, change) =
+            self.write(&tx, Entity::Project, id, Write::Delete, Some(caller), if_match.as_deref()).await?;
+        self.log_and_commit(tx, vec![change]).await
     }
 
     /// Live projects, newest first, optionally of one creator and older than a cursor.
@@ -1083,4 +1053,102 @@ impl Db {
         }
         Ok(Some((run, found)))
     }
+}
+
+// ----- replication: the directory for users from other nodes --------------------------
+
+impl Db {
+    /// Claims a directory entry for a user from another node, if it is free; returns the
+    /// user holding it afterwards (the claimant, or whoever held it already).
+    pub async fn claim_entry(&self, entry: DirEntry) -> Result<Uuid, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "WITH ins AS (
+                     INSERT INTO directory (kind, key, user_id) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING RETURNING user_id)
+                 SELECT user_id FROM ins UNION ALL
+                 SELECT user_id FROM directory WHERE kind = $1 AND key = $2 LIMIT 1",
+                &[&entry.kind.as_str(), &entry.key, &entry.user_id],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(row.get(0))
+    }
+
+    /// Releases a directory entry if `entry.user_id` still holds it.
+    pub async fn release_entry(&self, entry: DirEntry) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM directory WHERE kind = $1 AND key = $2 AND user_id = $3",
+                &[&entry.kind.as_str(), &entry.key, &entry.user_id],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Records (or, with `holder` `None`, clears) a user's name clash on this shard.
+    pub async fn record_clash(&self, entry: DirEntry, holder: Option<Uuid>) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let kind = entry.kind.as_str();
+        let done = match holder {
+            Some(holder) => {
+                client
+                    .execute(
+                        "INSERT INTO name_clashes (kind, key, user_id, holder_id) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (kind, key, user_id) DO UPDATE SET holder_id = $4",
+                        &[&kind, &entry.key, &entry.user_id, &holder],
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .execute("DELETE FROM name_clashes WHERE kind = $1 AND user_id = $2", &[&kind, &entry.user_id])
+                    .await
+            }
+        };
+        done.map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Counts for the sync status: open conflicts, states waiting for their user, name
+    /// clashes, and per origin node the writes this shard holds.
+    pub async fn sync_counts(&self) -> Result<SyncCounts, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM conflicts WHERE resolved_at IS NULL),
+                        (SELECT count(*) FROM pending_states),
+                        (SELECT count(*) FROM name_clashes)",
+                &[],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let origins = client
+            .query(
+                "SELECT key, sum(value::bigint)::bigint FROM (
+                     SELECT vclock FROM users UNION ALL SELECT vclock FROM profiles UNION ALL SELECT vclock FROM projects
+                 ) r, jsonb_each_text(r.vclock) GROUP BY key",
+                &[],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(SyncCounts {
+            open_conflicts: row.get(0),
+            waiting: row.get(1),
+            name_clashes: row.get(2),
+            writes_by_origin: origins.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        })
+    }
+}
+
+/// A shard's replication counts (see `Db::sync_counts`).
+#[derive(Debug, Clone, Default)]
+pub struct SyncCounts {
+    pub open_conflicts: i64,
+    pub waiting: i64,
+    pub name_clashes: i64,
+    pub writes_by_origin: Vec<(String, i64)>,
 }

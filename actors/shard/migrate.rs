@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_init", include_str!("../../schema/0001_init.sql")),
     ("0002_sealed_email", include_str!("../../schema/0002_sealed_email.sql")),
     ("0003_recommendations", include_str!("../../schema/0003_recommendations.sql")),
+    ("0004_replication", include_str!("../../schema/0004_replication.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -24,7 +24,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use db::Db;
-pub use db::{DirEntry, DirKind, KEY_CHECK_FAILED, ProjectQuery, ShardEnv, UserChange};
+pub use db::{
+    DirEntry, DirKind, KEY_CHECK_FAILED, ProjectQuery, RemoteApplied, RemoteState, ShardEnv, SyncCounts, UserChange,
+};
 
 use crate::actors::event_hub::Report;
 use crate::model::{ChangeEvent, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
@@ -382,4 +384,22 @@ shard_requests! {
     /// A user's served recommendations in one mode.
     RecoForUser { user_id: Uuid, mode: crate::similarity::Mode, limit: i64 }
         -> Option<(crate::actors::recommend::RunRecord, Vec<crate::actors::recommend::RecoRow>)> = reco_for_user;
+}
+
+// Replication (SyncActor, through `Shards`).
+shard_requests! {
+    /// Applies row states from peers in one transaction.
+    ApplyRemote { states: Vec<RemoteState> } -> RemoteApplied = apply_remote;
+    /// The current states of rows, for a peer that lacks them.
+    StatesOf { rows: Vec<(crate::model::Entity, Uuid)> } -> Vec<crate::replication::rules::RowState> = states_of;
+    /// Every replicated row's version (entity, id, newest HLC time, clock).
+    Versions {} -> Vec<(crate::model::Entity, Uuid, u64, crate::vclock::VectorClock)> = versions;
+    /// Claims a directory entry for a user from another node; the holder afterwards.
+    ClaimEntry { entry: DirEntry } -> Uuid = claim_entry;
+    /// Releases a directory entry its user still holds.
+    ReleaseEntry { entry: DirEntry } -> () = release_entry;
+    /// Records or clears a name clash.
+    RecordClash { entry: DirEntry, holder: Option<Uuid> } -> () = record_clash;
+    /// Replication counts for status.
+    GetSyncCounts {} -> SyncCounts = sync_counts;
 }

@@ -11,6 +11,7 @@ pub mod profiles;
 pub mod projects;
 pub mod recommendations;
 pub mod session;
+pub mod sync;
 pub mod users;
 pub mod ws;
 
@@ -43,6 +44,7 @@ pub struct AppState {
     pub tokens: std::sync::Arc<TokenVerifier>,
     pub hub: Addr<EventHub>,
     pub supervisor: Addr<NodeSupervisor>,
+    pub sync: Addr<crate::actors::sync::SyncActor>,
     /// Events a WebSocket client may fall behind by before it is disconnected.
     pub ws_queue: usize,
     /// Neighbours a recommendation run keeps per user and mode (the largest `limit`).
@@ -70,6 +72,7 @@ pub(crate) fn tagged(mut builder: HttpResponseBuilder, clock: &VectorClock) -> H
         projects::create, projects::get, projects::update, projects::delete, projects::list,
         session::login, session::logout,
         network::status, network::healthz, network::readyz,
+        sync::status,
         recommendations::users,
     ),
     modifiers(&BearerAuth),
@@ -159,6 +162,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .service(resource("/auth/login").route(web::post().to(session::login)))
                 .service(resource("/auth/logout").route(web::post().to(session::logout)))
                 .service(resource("/network/status").route(web::get().to(network::status)))
+                .service(resource("/sync/status").route(web::get().to(sync::status)))
                 .service(resource("/recommendations/users").route(web::get().to(recommendations::users)))
                 .service(resource("/ws").route(web::get().to(ws::ws_endpoint)))
                 .default_service(web::to(not_found)),
@@ -209,6 +213,7 @@ mod tests {
             "/api/v1/auth/login",
             "/api/v1/auth/logout",
             "/api/v1/network/status",
+            "/api/v1/sync/status",
             "/api/v1/recommendations/users",
         ] {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");

@@ -84,6 +84,7 @@ mod tests {
                 connections: 1,
                 rtt_ms: Some(0.42),
                 agent: Some("cosmicsync/0.1.0".into()),
+                gossip_score: Some(0.0),
             },
             PeerReport {
                 peer_id: "12D3KooWBB".into(),
@@ -92,6 +93,7 @@ mod tests {
                 connections: 2,
                 rtt_ms: None,
                 agent: None,
+                gossip_score: None,
             },
         ];
         let text = format_peers(&peers);

@@ -1,0 +1,517 @@
+//! Row states in SQL: reading a replicated row (its columns, stamps and open conflicts)
+//! as a `RowState`, writing one back, and applying states that came from peers.
+//!
+//! Every write of a replicated row — local or remote — goes through `store` after the
+//! pure rules (`crate::replication::rules`) decided the new state, inside the caller's
+//! transaction, so the row, its conflicts and its change-log entry commit together.
+
+use std::collections::BTreeMap;
+
+use deadpool_postgres::Transaction;
+use serde_json::Value;
+use tokio_postgres::types::Json;
+use uuid::Uuid;
+
+use super::{Db, NewChange, profile_from, project_from, user_from};
+use crate::model::{Entity, Op, UserRow};
+use crate::problem::StoreError;
+use crate::replication::rows;
+use crate::replication::rules::{self, Applied, Conflict, Outcome, Refused, RowState, Sibling, Stamp};
+use crate::sealing::email_context;
+use crate::vclock::VectorClock;
+
+/// A row state from a peer, with the origin's sequence number of the change when it came
+/// straight from its origin (0 when unknown, e.g. by reconciliation).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RemoteState {
+    pub state: RowState,
+    #[serde(default)]
+    pub origin_seq: i64,
+}
+
+/// What applying a batch of remote states did.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteApplied {
+    /// States that changed a row (new, newer, or merged).
+    pub applied: usize,
+    /// States this node held already (or older ones).
+    pub stale: usize,
+    /// Of the applied, those concurrent with ours (merged field by field).
+    pub merged: usize,
+    /// States kept until the user they belong to arrives.
+    pub waiting: usize,
+    /// States refused as malformed (logged; nothing written for them).
+    pub refused: usize,
+    /// Conflicts found.
+    pub conflicts_opened: usize,
+    /// Users whose username or email changed here (or are new): their directory entries
+    /// must be claimed. With the previous (username, email), if there was one.
+    pub users: Vec<(UserRow, Option<(String, String)>)>,
+}
+
+/// At most this many states wait for their user on one shard; beyond it a state is
+/// dropped (reconciliation brings it again once its user is here).
+const MAX_WAITING: i64 = 100_000;
+
+impl From<Refused> for StoreError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::NotFound(what) => StoreError::NotFound(what),
+            Refused::Forbidden(what) => StoreError::Forbidden(what),
+            Refused::Exists(what) => StoreError::Conflict(format!("the {what} already exists")),
+            Refused::PreconditionFailed => StoreError::PreconditionFailed,
+            Refused::Malformed(why) => StoreError::Database(why),
+        }
+    }
+}
+
+/// Names a refused write after the entity it was for (the rules only know "row").
+pub fn refused_for(entity: Entity, r: Refused) -> StoreError {
+    let what = match entity {
+        Entity::User => "user",
+        Entity::Profile => "profile",
+        Entity::Project => "project",
+    };
+    match r {
+        Refused::NotFound(_) => StoreError::NotFound(what),
+        Refused::Forbidden(_) => StoreError::Forbidden(what),
+        other => other.into(),
+    }
+}
+
+fn table(entity: Entity) -> &'static str {
+    match entity {
+        Entity::User => "users",
+        Entity::Profile => "profiles",
+        Entity::Project => "projects",
+    }
+}
+
+fn unreadable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(format!("stored row does not read as a state: {e}"))
+}
+
+impl Db {
+    /// The HLC time for a write to a row whose newest value has time `seen`: after
+    /// everything this node has seen, and after the row itself even if its writer's
+    /// clock ran ahead of ours (so a write always supersedes the values it saw).
+    pub(super) fn write_time(&self, seen: u64) -> u64 {
+        self.env.hlc.new_timestamp().get_time().as_u64().max(seen.saturating_add(1))
+    }
+
+    /// Reads a replicated row, locked for this transaction, as a state.
+    pub(super) async fn load(
+        &self,
+        tx: &Transaction<'_>,
+        entity: Entity,
+        id: Uuid,
+    ) -> Result<Option<RowState>, StoreError> {
+        let keys = self.env.keys.get();
+        let (owner, values, clock, stamps, updated_at) = match entity {
+            Entity::User => {
+                let row = tx
+                    .query_opt(
+                        concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = $1 FOR UPDATE"),
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                let Some(row) = row else { return Ok(None) };
+                let u = user_from(&row, &keys)?;
+                (u.id, rows::user_fields(&u), u.vclock, row.get::<_, Json<BTreeMap<String, Stamp>>>(10).0, u.updated_at)
+            }
+            Entity::Profile => {
+                let row = tx
+                    .query_opt(
+                        concat!("SELECT ", profile_columns!(), ", stamps FROM profiles WHERE id = $1 FOR UPDATE"),
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                let Some(row) = row else { return Ok(None) };
+                let p = profile_from(&row);
+                (
+                    p.user_id,
+                    rows::profile_fields(&p),
+                    p.vclock,
+                    row.get::<_, Json<BTreeMap<String, Stamp>>>(9).0,
+                    p.updated_at,
+                )
+            }
+            Entity::Project => {
+                let row = tx
+                    .query_opt(
+                        concat!(
+                            "SELECT ",
+                            project_columns!(),
+                            ", stamps, deleted_at FROM projects WHERE id = $1 FOR UPDATE"
+                        ),
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                let Some(row) = row else { return Ok(None) };
+                let p = project_from(&row);
+                let mut values = rows::project_fields(&p);
+                let deleted: Option<chrono::DateTime<chrono::Utc>> = row.get(9);
+                values.insert(rules::DELETED.into(), Value::Bool(deleted.is_some()));
+                (p.creator_id, values, p.vclock, row.get::<_, Json<BTreeMap<String, Stamp>>>(8).0, p.updated_at)
+            }
+        };
+        let losers = self.open_losers(tx, id).await?;
+        Ok(Some(rows::state_from_stored(entity, id, owner, clock, values, stamps, losers, updated_at)))
+    }
+
+    /// The losing values of a row's open conflicts.
+    async fn open_losers(&self, tx: &Transaction<'_>, id: Uuid) -> Result<Vec<(String, Sibling)>, StoreError> {
+        let stmt = tx
+            .prepare_cached(
+                "SELECT field, loser_node, loser_counter, loser_hlc, loser_value FROM conflicts
+                 WHERE row_id = $1 AND resolved_at IS NULL",
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let found = tx.query(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
+        Ok(found
+            .iter()
+            .map(|r| {
+                let stamp = Stamp {
+                    dot: rules::Dot { node: r.get(1), counter: r.get::<_, i64>(2) as u64 },
+                    hlc: r.get::<_, i64>(3) as u64,
+                };
+                (r.get(0), Sibling { stamp, value: r.get(4) })
+            })
+            .collect())
+    }
+
+    /// Writes a state decided by the rules (insert or update), its conflicts, and queues
+    /// its change-log entry in `changes`. The user's email is sealed afresh under the
+    /// current data key.
+    pub(super) async fn store(&self, tx: &Transaction<'_>, applied: &Applied) -> Result<(), StoreError> {
+        let s = &applied.state;
+        let stamps = Json(rows::stamps_of(s));
+        let hlc = s.last_hlc() as i64;
+        let clock = Json(&s.clock);
+        match s.entity {
+            Entity::User => {
+                let u = rows::user(s).map_err(unreadable)?;
+                let email = self.env.keys.get().seal(u.email.as_bytes(), &email_context(&u.id));
+                let stmt = tx
+                    .prepare_cached(concat!(
+                        "INSERT INTO users (",
+                        user_columns!(),
+                        ", stamps, hlc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                         ON CONFLICT (id) DO UPDATE SET username = $2, email_key = $3, email_sealed = $4,
+                             password_hash = $5, updated_at = $8, password_changed_at = $9, vclock = $10,
+                             stamps = $11, hlc = $12"
+                    ))
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                tx.execute(
+                    &stmt,
+                    &[
+                        &u.id,
+                        &u.username,
+                        &email.key_id,
+                        &email.bytes,
+                        &u.password_hash,
+                        &u.profile_id,
+                        &u.created_at,
+                        &u.updated_at,
+                        &u.password_changed_at,
+                        &clock,
+                        &stamps,
+                        &hlc,
+                    ],
+                )
+                .await
+                .map_err(|e| self.fail(e))?;
+            }
+            Entity::Profile => {
+                let p = rows::profile(s).map_err(unreadable)?;
+                let stmt = tx
+                    .prepare_cached(concat!(
+                        "INSERT INTO profiles (",
+                        profile_columns!(),
+                        ", stamps, hlc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                         ON CONFLICT (id) DO UPDATE SET name = $3, bio = $4, skills = $5, interests = $6,
+                             updated_at = $8, vclock = $9, stamps = $10, hlc = $11"
+                    ))
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                tx.execute(
+                    &stmt,
+                    &[
+                        &p.id,
+                        &p.user_id,
+                        &p.name,
+                        &p.bio,
+                        &p.skills,
+                        &p.interests,
+                        &p.created_at,
+                        &p.updated_at,
+                        &clock,
+                        &stamps,
+                        &hlc,
+                    ],
+                )
+                .await
+                .map_err(|e| self.fail(e))?;
+            }
+            Entity::Project => {
+                let p = rows::project(s).map_err(unreadable)?;
+                let deleted_at =
+                    s.is_deleted().then(|| s.stamp(rules::DELETED).map(|st| rules::hlc_datetime(st.hlc))).flatten();
+                let stmt = tx
+                    .prepare_cached(concat!(
+                        "INSERT INTO projects (",
+                        project_columns!(),
+                        ", stamps, hlc, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                         ON CONFLICT (id) DO UPDATE SET name = $3, description = $4, tags = $5, updated_at = $7,
+                             vclock = $8, stamps = $9, hlc = $10, deleted_at = $11"
+                    ))
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                tx.execute(
+                    &stmt,
+                    &[
+                        &p.id,
+                        &p.creator_id,
+                        &p.name,
+                        &p.description,
+                        &p.tags,
+                        &p.created_at,
+                        &p.updated_at,
+                        &clock,
+                        &stamps,
+                        &hlc,
+                        &deleted_at,
+                    ],
+                )
+                .await
+                .map_err(|e| self.fail(e))?;
+            }
+        }
+        self.store_conflicts(tx, applied).await
+    }
+
+    /// Records the state's open conflicts (new ones, and the winner of older ones, which
+    /// may have changed) and marks superseded ones resolved.
+    async fn store_conflicts(&self, tx: &Transaction<'_>, applied: &Applied) -> Result<(), StoreError> {
+        let s = &applied.state;
+        let open = s.conflicts();
+        for c in &open {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO conflicts (entity, row_id, owner_id, field, loser_node, loser_counter, loser_hlc,
+                                            loser_value, winner_node, winner_counter, winner_hlc, winner_value)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     ON CONFLICT (row_id, field, loser_node, loser_counter) DO UPDATE
+                         SET winner_node = $9, winner_counter = $10, winner_hlc = $11, winner_value = $12,
+                             resolved_at = NULL",
+                )
+                .await
+                .map_err(|e| self.fail(e))?;
+            tx.execute(
+                &stmt,
+                &[
+                    &s.entity.as_str(),
+                    &s.id,
+                    &s.owner,
+                    &c.field,
+                    &c.loser.stamp.dot.node,
+                    &(c.loser.stamp.dot.counter as i64),
+                    &(c.loser.stamp.hlc as i64),
+                    &c.loser.value,
+                    &c.winner.stamp.dot.node,
+                    &(c.winner.stamp.dot.counter as i64),
+                    &(c.winner.stamp.hlc as i64),
+                    &c.winner.value,
+                ],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        }
+        for c in &applied.resolved {
+            tx.execute(
+                "UPDATE conflicts SET resolved_at = now()
+                 WHERE row_id = $1 AND field = $2 AND loser_node = $3 AND loser_counter = $4 AND resolved_at IS NULL",
+                &[&s.id, &c.field, &c.loser.stamp.dot.node, &(c.loser.stamp.dot.counter as i64)],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        }
+        for c in &applied.opened {
+            log_conflict(s, c);
+        }
+        Ok(())
+    }
+
+    /// Applies states from peers in one transaction: each merged with the stored row by
+    /// the rules, written with its conflicts and a change-log entry under this node's
+    /// sequence. States whose user is not here yet wait in `pending_states`; a user that
+    /// arrives brings in what waited for it. Malformed states are refused one by one.
+    pub async fn apply_remote(&self, states: Vec<RemoteState>) -> Result<RemoteApplied, StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let mut report = RemoteApplied::default();
+        let mut changes = Vec::with_capacity(states.len());
+        let mut queue: std::collections::VecDeque<RemoteState> = states.into();
+        while let Some(remote) = queue.pop_front() {
+            let RemoteState { state, origin_seq } = remote;
+            if let Err(e) = state
+                .validate()
+                .and_then(|()| rows::check_complete(&state).map_err(|e| Refused::Malformed(e.to_string())))
+            {
+                slog_scope::warn!("row state from a peer refused"; "entity" => state.entity.as_str(), "id" => %state.id, "error" => %e);
+                report.refused += 1;
+                continue;
+            }
+            let stored = self.load(&tx, state.entity, state.id).await?;
+            if stored.is_none() && state.entity != Entity::User && !self.user_exists(&tx, state.owner).await? {
+                self.wait_for_user(&tx, &state).await?;
+                report.waiting += 1;
+                continue;
+            }
+            let applied = match rules::merge(stored.as_ref(), &state) {
+                Ok(a) => a,
+                Err(e) => {
+                    slog_scope::warn!("row state from a peer refused"; "entity" => state.entity.as_str(), "id" => %state.id, "error" => %e);
+                    report.refused += 1;
+                    continue;
+                }
+            };
+            let _ = self
+                .env
+                .hlc
+                .update_with_timestamp(&uhlc::Timestamp::new(uhlc::NTP64(state.last_hlc()), *self.env.hlc.get_id()));
+            if applied.outcome == Outcome::Stale {
+                report.stale += 1;
+                continue;
+            }
+            if applied.outcome == Outcome::Merged {
+                report.merged += 1;
+            }
+            report.applied += 1;
+            report.conflicts_opened += applied.opened.len();
+            self.store(&tx, &applied).await?;
+            if state.entity == Entity::User {
+                let user = rows::user(&applied.state).map_err(unreadable)?;
+                let before = match &stored {
+                    Some(s) => Some(rows::user(s).map_err(unreadable)?),
+                    None => None,
+                };
+                let before = before.map(|b| (b.username, b.email));
+                if before.as_ref() != Some(&(user.username.clone(), user.email.clone())) {
+                    report.users.push((user, before));
+                }
+                queue.extend(self.take_waiting(&tx, state.id).await?);
+            }
+            let op = match (&stored, applied.state.is_deleted()) {
+                (None, false) => Op::Create,
+                (Some(old), true) if !old.is_deleted() => Op::Delete,
+                (None, true) => Op::Delete,
+                _ => Op::Update,
+            };
+            let origin = applied.state.newest().map(|s| s.dot.node.clone()).unwrap_or_default();
+            let mut change = NewChange::of(op, &applied.state)?;
+            change.origin = Some((origin, origin_seq));
+            changes.push(change);
+        }
+        let pending = self.log_changes(&tx, changes).await?;
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        pending.committed();
+        Ok(report)
+    }
+
+    async fn user_exists(&self, tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {
+        let row = tx.query_opt("SELECT 1 FROM users WHERE id = $1", &[&id]).await.map_err(|e| self.fail(e))?;
+        Ok(row.is_some())
+    }
+
+    /// Keeps a state until its user arrives (merged with what already waits for the row).
+    async fn wait_for_user(&self, tx: &Transaction<'_>, state: &RowState) -> Result<(), StoreError> {
+        let waiting = tx
+            .query_opt(
+                "SELECT state FROM pending_states WHERE entity = $1 AND row_id = $2 FOR UPDATE",
+                &[&state.entity.as_str(), &state.id],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let earlier = waiting.and_then(|r| serde_json::from_value::<RowState>(r.get(0)).ok());
+        let merged = match rules::merge(earlier.as_ref(), state) {
+            Ok(a) => a.state,
+            Err(_) => state.clone(),
+        };
+        if earlier.is_none() {
+            let count: i64 =
+                tx.query_one("SELECT count(*) FROM pending_states", &[]).await.map_err(|e| self.fail(e))?.get(0);
+            if count >= MAX_WAITING {
+                slog_scope::warn!("too many row states wait for their user; dropping one (reconciliation brings it again)";
+                                  "entity" => state.entity.as_str(), "id" => %state.id);
+                return Ok(());
+            }
+        }
+        let json = serde_json::to_value(&merged).map_err(|e| StoreError::Database(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO pending_states (entity, row_id, owner_id, state) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (entity, row_id) DO UPDATE SET state = $4",
+            &[&state.entity.as_str(), &state.id, &state.owner, &json],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Removes and returns the states that waited for this user.
+    async fn take_waiting(&self, tx: &Transaction<'_>, user: Uuid) -> Result<Vec<RemoteState>, StoreError> {
+        let found = tx
+            .query("DELETE FROM pending_states WHERE owner_id = $1 RETURNING state", &[&user])
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(found
+            .iter()
+            .filter_map(|r| serde_json::from_value::<RowState>(r.get(0)).ok())
+            .map(|state| RemoteState { state, origin_seq: 0 })
+            .collect())
+    }
+
+    /// Reads the current states of the given rows (for a peer that lacks them). Rows not
+    /// here (any more) are left out.
+    pub async fn states_of(&self, rows: Vec<(Entity, Uuid)>) -> Result<Vec<RowState>, StoreError> {
+        let mut client = self.client().await?;
+        // A read-only transaction: `load` locks, which keeps each row whole while read.
+        let tx = self.begin(&mut client).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (entity, id) in rows {
+            if let Some(s) = self.load(&tx, entity, id).await? {
+                out.push(s);
+            }
+        }
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        Ok(out)
+    }
+
+    /// Every replicated row of this shard as (entity, id, newest HLC time, clock): what
+    /// reconciliation compares with a peer.
+    pub async fn versions(&self) -> Result<Vec<(Entity, Uuid, u64, VectorClock)>, StoreError> {
+        let client = self.client().await?;
+        let mut out = Vec::new();
+        for entity in [Entity::User, Entity::Profile, Entity::Project] {
+            let sql = format!("SELECT id, hlc, vclock FROM {}", table(entity));
+            let found = client.query(&sql, &[]).await.map_err(|e| self.fail(e))?;
+            out.extend(
+                found.iter().map(|r| {
+                    (entity, r.get::<_, Uuid>(0), r.get::<_, i64>(1) as u64, r.get::<_, Json<VectorClock>>(2).0)
+                }),
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn log_conflict(s: &RowState, c: &Conflict) {
+    slog_scope::info!("conflict: concurrent edits of one field";
+        "entity" => s.entity.as_str(), "id" => %s.id, "field" => &c.field,
+        "winner_node" => &c.winner.stamp.dot.node, "loser_node" => &c.loser.stamp.dot.node);
+}
