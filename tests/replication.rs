@@ -1,0 +1,156 @@
+//! Replication end to end: real nodes of one network on loopback, each with its own
+//! PostgreSQL, writing on any node and reading on every other, over the wire.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{NetworkKey, REPLICATE, get, login_on, start_member, wait_get, wait_identical};
+use common::p2p::{ask, peer_id, wait_peer};
+use common::wait_for;
+use cosmicsync::control::Request;
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const SHARDS: usize = 2;
+
+/// The next `change` frame on a WebSocket (skipping protocol chatter), within `REPLICATE`.
+async fn next_change(ws: &mut common::Ws) -> Value {
+    let deadline = tokio::time::Instant::now() + REPLICATE;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("a change in time");
+        if let Some(Ok(Message::Text(text))) = msg {
+            let v: Value = serde_json::from_str(&text).expect("JSON");
+            if v["type"] == "change" {
+                return v;
+            }
+        } else if !matches!(msg, Some(Ok(_))) {
+            panic!("WebSocket ended: {msg:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_reaches_every_node_and_users_log_in_anywhere() {
+    let key = NetworkKey::new();
+    let a = start_member(&key.path, &[], &[]).await;
+    let b = start_member(&key.path, &[&a], &[]).await;
+    let c = start_member(&key.path, &[&a], &[]).await;
+
+    // Registered on A: the user (password hash included) reaches C, where they log in.
+    let ada_a = a.user("ada").await;
+    let ada_c = login_on(&c, &ada_a).await;
+    let ada_b = login_on(&b, &ada_a).await;
+
+    // A WebSocket on C sees a change made on A.
+    let mut ws = c.ws(Some(&ada_c.token)).await;
+    ws.send(Message::text(json!({ "type": "subscribe", "topics": ["all"] }).to_string())).await.expect("subscribe");
+
+    // Profile updated on B, read on A and C.
+    let path = format!("/api/v1/profiles/{}", ada_a.profile_id);
+    let res = b.req(Method::PUT, &path, &ada_b).json(&json!({ "bio": "from B" })).send().await.expect("put");
+    assert_eq!(res.status(), 200);
+    for (n, ada) in [(&a, &ada_a), (&c, &ada_c)] {
+        wait_get(n, &path, ada, 200, |p| p["bio"] == "from B").await;
+    }
+
+    // Project created on C, renamed on A, deleted on B: every node follows.
+    let res = c
+        .req(Method::POST, "/api/v1/projects", &ada_c)
+        .json(&json!({ "name": "Engine", "tags": ["hardware"] }))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(res.status(), 201);
+    let project: Value = res.json().await.expect("project");
+    let path = format!("/api/v1/projects/{}", project["id"].as_str().expect("id"));
+    wait_get(&a, &path, &ada_a, 200, |p| p["name"] == "Engine").await;
+    let res = a.req(Method::PUT, &path, &ada_a).json(&json!({ "name": "Analytical Engine" })).send().await;
+    assert_eq!(res.expect("put").status(), 200);
+    for (n, ada) in [(&b, &ada_b), (&c, &ada_c)] {
+        wait_get(n, &path, ada, 200, |p| p["name"] == "Analytical Engine").await;
+    }
+    let change = loop {
+        let change = next_change(&mut ws).await;
+        if change["entity"] == "project" && change["data"]["name"] == "Analytical Engine" {
+            break change;
+        }
+    };
+    assert_eq!(change["op"], "update");
+    assert_ne!(change["origin"], c.info["node_id"], "the change came from A: {change}");
+    let res = b.req(Method::DELETE, &path, &ada_b).send().await.expect("delete");
+    assert_eq!(res.status(), 204);
+    for (n, ada) in [(&a, &ada_a), (&c, &ada_c)] {
+        wait_get(n, &path, ada, 404, |_| true).await;
+    }
+
+    // A user registered on B is a user on A too; and all three nodes hold the same rows.
+    let bob_b = b.user("bob").await;
+    wait_get(&a, &format!("/api/v1/users/{}", bob_b.id), &ada_a, 200, |u| u["username"] == "bob").await;
+    let rows = wait_identical(&[&a, &b, &c], SHARDS).await;
+    assert!(rows >= 5, "users, profiles and the project tombstone: {rows}");
+
+    // The sync status shows the peers and what each origin wrote.
+    let (status, sync) = get(&a, "/api/v1/sync/status", &ada_a).await;
+    assert_eq!(status, 200, "{sync}");
+    assert_eq!(sync["open_conflicts"], 0);
+    assert!(sync["peers"].as_array().is_some_and(|p| p.len() >= 2), "{sync:#}");
+    assert_eq!(sync["origins"].as_array().map(Vec::len), Some(3), "writes from A, B and C: {sync:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_stored_and_forwarded_by_a_node_between() {
+    let key = NetworkKey::new();
+    let b = start_member(&key.path, &[], &[]).await;
+    let mut a = start_member(&key.path, &[&b], &[]).await;
+    let ada = a.user("ada").await;
+    let res =
+        a.req(Method::POST, "/api/v1/projects", &ada).json(&json!({ "name": "Made on A" })).send().await.expect("post");
+    assert_eq!(res.status(), 201);
+    let project: Value = res.json().await.expect("project");
+    let path = format!("/api/v1/projects/{}", project["id"].as_str().expect("id"));
+    let ada_b = login_on(&b, &ada).await;
+    wait_get(&b, &path, &ada_b, 200, |p| p["name"] == "Made on A").await;
+    a.stop();
+
+    // C knows only B; A is gone. C still gets A's user, profile and project.
+    let c = start_member(&key.path, &[&b], &[]).await;
+    let ada_c = login_on(&c, &ada).await;
+    wait_get(&c, &path, &ada_c, 200, |p| p["name"] == "Made on A").await;
+    wait_identical(&[&b, &c], SHARDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_network_reads_nothing_and_changes_nothing() {
+    let key = NetworkKey::new();
+    let a = start_member(&key.path, &[], &[]).await;
+    let b = start_member(&key.path, &[&a], &[]).await;
+    // A stranger on the same DHT, with a key of its own.
+    let other = NetworkKey::new();
+    let stranger = start_member(&other.path, &[&a], &[]).await;
+    let (pa, ps) = (peer_id(&a), peer_id(&stranger));
+    wait_peer(&stranger, &pa, "the stranger to connect to A", REPLICATE, |_| true).await;
+
+    let ada = a.user("ada").await;
+    let eve = stranger.user("eve").await;
+    wait_get(&b, &format!("/api/v1/users/{}", ada.id), &login_on(&b, &ada).await, 200, |_| true).await;
+    // Both networks are live and gossiping; neither side holds the other's user.
+    let (status, _) = get(&stranger, &format!("/api/v1/users/{}", ada.id), &eve).await;
+    assert_eq!(status, 404, "the stranger must not read A's user");
+    let (status, _) = get(&a, &format!("/api/v1/users/{}", eve.id), &ada).await;
+    assert_eq!(status, 404, "A must not take the stranger's user");
+    assert_eq!(a.login("eve", common::PASSWORD).await.status(), 401);
+
+    // The stranger's sync requests are refused, and its gossip costs it standing at A.
+    a.wait_log("A to refuse the stranger's sync request", |l| l.contains("sync request refused") && l.contains(&ps))
+        .await;
+    let _ = ask(&a, Request::NetworkPeers);
+    let digest = wait_for("the stranger's user to stay off A", Duration::from_secs(5), || async {
+        let (s, _) = get(&a, &format!("/api/v1/users/{}", eve.id), &ada).await;
+        (s == 404).then_some(())
+    })
+    .await;
+    let () = digest;
+}
