@@ -641,6 +641,7 @@ mod tests {
             vclock: VectorClock::default(),
             data: serde_json::Value::Null,
             committed_at: crate::model::now(),
+            conflicts: Vec::new(),
         }
     }
 

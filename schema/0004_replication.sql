@@ -13,6 +13,8 @@ ALTER TABLE projects ADD COLUMN stamps jsonb NOT NULL DEFAULT '{}', ADD COLUMN h
 -- from it by gossip (0 otherwise), so (origin, origin_seq) is no longer unique.
 ALTER TABLE changes DROP CONSTRAINT changes_origin_origin_seq_key;
 CREATE INDEX changes_by_row ON changes (row_id, seq);
+-- Conflicts a change brought to light (shown on the WebSocket with the change).
+ALTER TABLE changes ADD COLUMN conflicts jsonb;
 
 -- Concurrent writes of one field: the losing value of each, beside the value that wins
 -- it. Open while the row still holds the losing value; resolved once a write that saw it

@@ -260,4 +260,54 @@ pub struct ChangeEvent {
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
     pub committed_at: DateTime<Utc>,
+    /// Concurrent edits of one field this change brought to light (a change from another
+    /// node merged with one made here); absent when there were none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<ConflictNote>,
+}
+
+/// One value in a conflict: what it is, which write set it, and when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ConflictValue {
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    /// The node whose write set it.
+    pub origin: String,
+    /// That node's counter for the row: the write's entry in the row's vector clock.
+    pub counter: u64,
+    /// The write's hybrid-logical-clock time (the highest wins).
+    pub at: DateTime<Utc>,
+}
+
+/// Concurrent writes of one field: the value every node shows, and one that lost.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ConflictNote {
+    pub field: String,
+    pub winner: ConflictValue,
+    pub loser: ConflictValue,
+}
+
+/// A conflict on one of the caller's rows (`GET /api/v1/conflicts`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ConflictView {
+    pub entity: Entity,
+    pub row_id: Uuid,
+    pub field: String,
+    pub winner: ConflictValue,
+    pub loser: ConflictValue,
+    /// When this node found it.
+    pub detected_at: DateTime<Utc>,
+    /// When a write that saw both values superseded it (the owner chose a value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub resolved: bool,
+}
+
+/// A page of conflicts, oldest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConflictPage {
+    pub items: Vec<ConflictView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }

@@ -73,6 +73,9 @@ const MATRIX: &[Row] = &[
     row("DELETE", "/api/v1/projects/{fresh_project}", None,
         ["401", "204", "403", "401", "401", "401", "401"]),
     row("GET", "/api/v1/network/status", None, READ),
+    row("GET", "/api/v1/sync/status", None, READ),
+    // Each caller lists the conflicts of their own rows.
+    row("GET", "/api/v1/conflicts", None, READ),
     row("WS", "/api/v1/ws", None,
         ["101 close 1008", "101 ready", "101 ready", "101 close 1008", "101 close 1008", "101 close 1008", "101 close 1008"]),
     // Last: the owner's and the other user's cells revoke their tokens.

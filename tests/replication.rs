@@ -154,3 +154,91 @@ async fn a_node_of_another_network_reads_nothing_and_changes_nothing() {
     .await;
     let () = digest;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_edits_merge_field_by_field_and_same_field_edits_are_conflicts_everywhere() {
+    let key = NetworkKey::new();
+    let a = start_member(&key.path, &[], &[]).await;
+    let mut b = start_member(&key.path, &[&a], &[]).await;
+    let ada_a = a.user("ada").await;
+    let res = a
+        .req(Method::POST, "/api/v1/projects", &ada_a)
+        .json(&json!({ "name": "Engine", "description": "start" }))
+        .send()
+        .await
+        .expect("post");
+    let project: Value = res.json().await.expect("project");
+    let doomed: Value = a
+        .req(Method::POST, "/api/v1/projects", &ada_a)
+        .json(&json!({ "name": "Doomed" }))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("project");
+    let path = format!("/api/v1/projects/{}", project["id"].as_str().expect("id"));
+    let doomed = format!("/api/v1/projects/{}", doomed["id"].as_str().expect("id"));
+    let ada_b = login_on(&b, &ada_a).await;
+    wait_get(&b, &doomed, &ada_b, 200, |_| true).await;
+    wait_identical(&[&a, &b], SHARDS).await;
+
+    // B goes away and comes back alone (no bootstrap): the two sides now write without
+    // seeing each other.
+    let dir = b.dir.clone();
+    let _keep = b.take_temp();
+    b.stop();
+    let put = |node: &common::Node, user: &common::TestUser, path: &str, body: Value| {
+        let req = node.req(Method::PUT, path, user).json(&body);
+        async move { req.send().await.expect("put").status().as_u16() }
+    };
+    assert_eq!(put(&a, &ada_a, &path, json!({ "name": "Engine by A", "tags": ["a"] })).await, 200);
+    assert_eq!(a.req(Method::DELETE, &doomed, &ada_a).send().await.expect("delete").status(), 204);
+    let alone = common::cluster::member_args(&key.path, &[], &[]);
+    let mut b = common::Node::start_in(&dir, &alone.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let ada_b = login_on(&b, &ada_a).await;
+    assert_eq!(put(&b, &ada_b, &path, json!({ "name": "Engine by B", "description": "from B" })).await, 200);
+    assert_eq!(put(&b, &ada_b, &doomed, json!({ "name": "Saved?" })).await, 200);
+    b.stop();
+
+    // Healed: B rejoins A. Different fields both survive; the same field is a conflict
+    // won by the later write (B's) on both nodes; the delete wins over the update.
+    let b = common::cluster::restart_member(&dir, &key.path, &[&a]).await;
+    let ada_b = login_on(&b, &ada_a).await;
+    for (n, ada) in [(&a, &ada_a), (&b, &ada_b)] {
+        let p = wait_get(n, &path, ada, 200, |p| p["description"] == "from B" && p["tags"] == json!(["a"])).await;
+        assert_eq!(p["name"], "Engine by B", "{p}");
+        wait_get(n, &doomed, ada, 404, |_| true).await;
+    }
+    wait_identical(&[&a, &b], SHARDS).await;
+    let project_id = project["id"].as_str().expect("id");
+    for (n, ada) in [(&a, &ada_a), (&b, &ada_b)] {
+        let (status, page) = get(n, &format!("/api/v1/conflicts?entity=project&id={project_id}"), ada).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().expect("items");
+        assert_eq!(items.len(), 1, "one same-field conflict: {page:#}");
+        assert_eq!(items[0]["field"], "name");
+        assert_eq!(items[0]["winner"]["value"], "Engine by B");
+        assert_eq!(items[0]["loser"]["value"], "Engine by A");
+        assert_eq!(items[0]["resolved"], false);
+        assert_eq!(items[0]["winner"]["origin"], b.info["node_id"]);
+        assert_eq!(items[0]["loser"]["origin"], a.info["node_id"]);
+    }
+    let (_, sync) = get(&a, "/api/v1/sync/status", &ada_a).await;
+    assert_eq!(sync["open_conflicts"], 1, "{sync:#}");
+
+    // The owner settles it on A with If-Match: resolved on both nodes.
+    let res = a.req(Method::GET, &path, &ada_a).send().await.expect("get");
+    let etag = res.headers()["etag"].to_str().expect("etag").to_owned();
+    let res = a.req(Method::PUT, &path, &ada_a).header("if-match", etag).json(&json!({ "name": "Engine" })).send();
+    assert_eq!(res.await.expect("put").status(), 200);
+    for (n, ada) in [(&a, &ada_a), (&b, &ada_b)] {
+        wait_get(n, &format!("/api/v1/conflicts?id={project_id}"), ada, 200, |page| {
+            page["items"][0]["resolved"] == true
+        })
+        .await;
+        wait_get(n, &path, ada, 200, |p| p["name"] == "Engine").await;
+    }
+    let (_, bad) = get(&a, "/api/v1/conflicts?entity=table", &ada_a).await;
+    assert!(bad["detail"].as_str().is_some_and(|d| d.contains("entity")), "{bad}");
+}

@@ -122,6 +122,8 @@ struct NewChange {
     /// (0 when unknown). `None`: made here (published after commit).
     origin: Option<(String, i64)>,
     state: RowState,
+    /// Conflicts this change brought to light.
+    conflicts: Vec<crate::model::ConflictNote>,
 }
 
 impl NewChange {
@@ -147,6 +149,7 @@ impl NewChange {
             data,
             origin: None,
             state: state.clone(),
+            conflicts: Vec::new(),
         })
     }
 }
@@ -172,7 +175,7 @@ macro_rules! project_columns {
 
 // After the column macros, which it uses.
 mod state;
-pub use state::{RemoteApplied, RemoteState};
+pub use state::{ConflictCursor, ConflictQuery, RemoteApplied, RemoteState};
 
 /// Reads a user row, opening the sealed email.
 fn user_from(row: &Row, keys: &Keyring) -> Result<UserRow, StoreError> {
@@ -304,8 +307,9 @@ impl Db {
         }
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO changes (seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "INSERT INTO changes (seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at,
+                                      conflicts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .await
             .map_err(|e| self.fail(e))?;
@@ -329,8 +333,10 @@ impl Db {
                 vclock: c.vclock,
                 data: c.data,
                 committed_at: crate::model::now(),
+                conflicts: c.conflicts,
             });
             let e = pending.events.last().expect("just pushed");
+            let conflicts = (!e.conflicts.is_empty()).then(|| Json(&e.conflicts));
             tx.execute(
                 &stmt,
                 &[
@@ -344,6 +350,7 @@ impl Db {
                     &Json(&e.vclock),
                     &e.data,
                     &e.committed_at,
+                    &conflicts,
                 ],
             )
             .await
@@ -735,7 +742,7 @@ impl Db {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at
+                "SELECT seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at, conflicts
                  FROM changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
                 &[&after, &upto, &limit],
             )
@@ -758,6 +765,10 @@ impl Db {
                     vclock: r.get::<_, Json<VectorClock>>(7).0,
                     data: r.get(8),
                     committed_at: r.get(9),
+                    conflicts: r
+                        .get::<_, Option<Json<Vec<crate::model::ConflictNote>>>>(10)
+                        .map(|j| j.0)
+                        .unwrap_or_default(),
                 })
             })
             .collect()

@@ -25,7 +25,8 @@ use uuid::Uuid;
 
 use db::Db;
 pub use db::{
-    DirEntry, DirKind, KEY_CHECK_FAILED, ProjectQuery, RemoteApplied, RemoteState, ShardEnv, SyncCounts, UserChange,
+    ConflictCursor, ConflictQuery, DirEntry, DirKind, KEY_CHECK_FAILED, ProjectQuery, RemoteApplied, RemoteState,
+    ShardEnv, SyncCounts, UserChange,
 };
 
 use crate::actors::event_hub::Report;
@@ -402,4 +403,6 @@ shard_requests! {
     RecordClash { entry: DirEntry, holder: Option<Uuid> } -> () = record_clash;
     /// Replication counts for status.
     GetSyncCounts {} -> SyncCounts = sync_counts;
+    /// A page of conflicts on one owner's rows.
+    ListConflicts { query: ConflictQuery } -> Vec<crate::model::ConflictView> = list_conflicts;
 }

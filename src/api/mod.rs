@@ -5,6 +5,7 @@
 //! format an error by hand: every error is an `ApiError` (RFC 9457 problem body),
 //! including the ones actix-web raises for bodies, paths and queries it cannot parse.
 
+pub mod conflicts;
 pub mod extract;
 pub mod network;
 pub mod profiles;
@@ -73,6 +74,7 @@ pub(crate) fn tagged(mut builder: HttpResponseBuilder, clock: &VectorClock) -> H
         session::login, session::logout,
         network::status, network::healthz, network::readyz,
         sync::status,
+        conflicts::list,
         recommendations::users,
     ),
     modifiers(&BearerAuth),
@@ -163,6 +165,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .service(resource("/auth/logout").route(web::post().to(session::logout)))
                 .service(resource("/network/status").route(web::get().to(network::status)))
                 .service(resource("/sync/status").route(web::get().to(sync::status)))
+                .service(resource("/conflicts").route(web::get().to(conflicts::list)))
                 .service(resource("/recommendations/users").route(web::get().to(recommendations::users)))
                 .service(resource("/ws").route(web::get().to(ws::ws_endpoint)))
                 .default_service(web::to(not_found)),
@@ -214,6 +217,7 @@ mod tests {
             "/api/v1/auth/logout",
             "/api/v1/network/status",
             "/api/v1/sync/status",
+            "/api/v1/conflicts",
             "/api/v1/recommendations/users",
         ] {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");

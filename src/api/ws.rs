@@ -473,6 +473,7 @@ mod tests {
             vclock: Default::default(),
             data: json!({"name": "x"}),
             committed_at: crate::model::now(),
+            conflicts: Vec::new(),
         };
         let change: serde_json::Value = serde_json::to_value(ServerMessage::Change(&event)).unwrap();
         assert_eq!(change["type"], "change");

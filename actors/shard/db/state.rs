@@ -13,7 +13,7 @@ use tokio_postgres::types::Json;
 use uuid::Uuid;
 
 use super::{Db, NewChange, profile_from, project_from, user_from};
-use crate::model::{Entity, Op, UserRow};
+use crate::model::{ConflictNote, ConflictValue, ConflictView, Entity, Op, UserRow};
 use crate::problem::StoreError;
 use crate::replication::rows;
 use crate::replication::rules::{self, Applied, Conflict, Outcome, Refused, RowState, Sibling, Stamp};
@@ -27,6 +27,26 @@ pub struct RemoteState {
     pub state: RowState,
     #[serde(default)]
     pub origin_seq: i64,
+}
+
+/// Which conflicts to list.
+#[derive(Debug, Clone)]
+pub struct ConflictQuery {
+    pub owner: Uuid,
+    pub entity: Option<Entity>,
+    pub row_id: Option<Uuid>,
+    pub after: Option<ConflictCursor>,
+    pub limit: i64,
+}
+
+/// Where a page of conflicts ends: the last item's sort key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConflictCursor {
+    pub detected_at: chrono::DateTime<chrono::Utc>,
+    pub row_id: Uuid,
+    pub field: String,
+    pub loser_node: String,
+    pub loser_counter: i64,
 }
 
 /// What applying a batch of remote states did.
@@ -416,6 +436,7 @@ impl Db {
             let origin = applied.state.newest().map(|s| s.dot.node.clone()).unwrap_or_default();
             let mut change = NewChange::of(op, &applied.state)?;
             change.origin = Some((origin, origin_seq));
+            change.conflicts = applied.opened.iter().map(note).collect();
             changes.push(change);
         }
         let pending = self.log_changes(&tx, changes).await?;
@@ -492,6 +513,64 @@ impl Db {
         Ok(out)
     }
 
+    /// A page of the conflicts on `owner`'s rows, oldest first, optionally of one entity
+    /// or row, after a cursor (detected_at in microseconds, row id, field, loser node,
+    /// loser counter).
+    pub async fn list_conflicts(&self, query: ConflictQuery) -> Result<Vec<ConflictView>, StoreError> {
+        let client = self.client().await?;
+        let after = query.after.clone();
+        let found = client
+            .query(
+                "SELECT entity, row_id, field, loser_node, loser_counter, loser_hlc, loser_value,
+                        winner_node, winner_counter, winner_hlc, winner_value, detected_at, resolved_at
+                 FROM conflicts
+                 WHERE owner_id = $1
+                   AND ($2::text IS NULL OR entity = $2)
+                   AND ($3::uuid IS NULL OR row_id = $3)
+                   AND ($4::timestamptz IS NULL
+                        OR (detected_at, row_id, field, loser_node, loser_counter) > ($4, $5, $6, $7, $8))
+                 ORDER BY detected_at, row_id, field, loser_node, loser_counter
+                 LIMIT $9",
+                &[
+                    &query.owner,
+                    &query.entity.map(Entity::as_str),
+                    &query.row_id,
+                    &after.as_ref().map(|a| a.detected_at),
+                    &after.as_ref().map(|a| a.row_id),
+                    &after.as_ref().map(|a| a.field.clone()),
+                    &after.as_ref().map(|a| a.loser_node.clone()),
+                    &after.as_ref().map(|a| a.loser_counter),
+                    &query.limit,
+                ],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let value = |r: &tokio_postgres::Row, at: usize| ConflictValue {
+            origin: r.get(at),
+            counter: r.get::<_, i64>(at + 1) as u64,
+            at: rules::hlc_datetime(r.get::<_, i64>(at + 2) as u64),
+            value: r.get(at + 3),
+        };
+        found
+            .iter()
+            .map(|r| {
+                let entity: String = r.get(0);
+                let resolved_at: Option<chrono::DateTime<chrono::Utc>> = r.get(12);
+                Ok(ConflictView {
+                    entity: Entity::parse(&entity)
+                        .ok_or_else(|| StoreError::Database(format!("unknown entity {entity:?} in conflicts")))?,
+                    row_id: r.get(1),
+                    field: r.get(2),
+                    loser: value(r, 3),
+                    winner: value(r, 7),
+                    detected_at: r.get(11),
+                    resolved: resolved_at.is_some(),
+                    resolved_at,
+                })
+            })
+            .collect()
+    }
+
     /// Every replicated row of this shard as (entity, id, newest HLC time, clock): what
     /// reconciliation compares with a peer.
     pub async fn versions(&self) -> Result<Vec<(Entity, Uuid, u64, VectorClock)>, StoreError> {
@@ -507,6 +586,20 @@ impl Db {
             );
         }
         Ok(out)
+    }
+}
+
+/// A conflict as clients see it.
+pub fn note(c: &Conflict) -> ConflictNote {
+    ConflictNote { field: c.field.clone(), winner: value_of(&c.winner), loser: value_of(&c.loser) }
+}
+
+fn value_of(s: &Sibling) -> ConflictValue {
+    ConflictValue {
+        value: s.value.clone(),
+        origin: s.stamp.dot.node.clone(),
+        counter: s.stamp.dot.counter,
+        at: rules::hlc_datetime(s.stamp.hlc),
     }
 }
 
