@@ -242,3 +242,73 @@ async fn concurrent_edits_merge_field_by_field_and_same_field_edits_are_conflict
     let (_, bad) = get(&a, "/api/v1/conflicts?entity=table", &ada_a).await;
     assert!(bad["detail"].as_str().is_some_and(|d| d.contains("entity")), "{bad}");
 }
+
+/// How many changes the catch-up test makes while a node is away.
+const MISSED: usize = 10_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_was_away_catches_up_and_a_kill_mid_batch_leaves_nothing_half_applied() {
+    use common::cluster::{create_projects, open_transactions, restart_member, rows_without_log_entry};
+    let key = NetworkKey::new();
+    let a = start_member(&key.path, &[], &[]).await;
+    let b = start_member(&key.path, &[&a], &[]).await;
+    let mut c = start_member(&key.path, &[&a], &[]).await;
+    let ada = a.user("ada").await;
+    let bob = b.user("bob").await;
+    wait_identical(&[&a, &b, &c], SHARDS).await;
+    let dir = c.dir.clone();
+    let _keep = c.take_temp();
+    c.stop();
+
+    // 10,000 changes on A and B while C is away.
+    let (made_a, made_b) =
+        tokio::join!(create_projects(&a, &ada, MISSED / 2, 16), create_projects(&b, &bob, MISSED / 2, 16));
+    assert_eq!(made_a.len() + made_b.len(), MISSED);
+
+    // C comes back with its first catch-up batch held open, and is killed mid-batch.
+    let args = common::cluster::member_args(&key.path, &[&a], &[]);
+    let args: Vec<&str> = common::FAST.iter().copied().chain(args.iter().map(String::as_str)).collect();
+    let mut held = common::Node::spawn_env(&[], &dir, &args, &[("FAILPOINTS", "apply-remote-commit=1*sleep(120000)")]);
+    wait_for("C to hold a catch-up batch open", REPLICATE, || async {
+        open_transactions(&dir).await.filter(|n| *n > 0)
+    })
+    .await;
+    held.kill().expect("kill -9 C");
+    held.wait().expect("reap C");
+    assert_eq!(rows_without_log_entry(&dir, SHARDS).await, 0, "a row without its log entry after the kill");
+
+    // Restarted normally, C converges on exactly the rows A and B hold.
+    let c = restart_member(&dir, &key.path, &[&a]).await;
+    let rows = wait_identical(&[&a, &b, &c], SHARDS).await;
+    assert!(rows >= MISSED + 4, "{rows} rows");
+    assert_eq!(rows_without_log_entry(&c.dir, SHARDS).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_truncated_foreign_and_replayed_gossip_harms_nothing() {
+    let key = NetworkKey::new();
+    let a = start_member(&key.path, &[], &[]).await;
+    // A member gone wrong: every batch it publishes comes with random bytes, a truncated
+    // copy, a copy sealed with another network's key and a replay of the previous batch.
+    let bad = {
+        let args = common::cluster::member_args(&key.path, &[&a], &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::Node::start_env(&args, &[("FAILPOINTS", "gossip-tamper=return")]).await
+    };
+    wait_peer(&a, &peer_id(&bad), "A to see the bad member", REPLICATE, |_| true).await;
+    let ada = a.user("ada").await;
+    let mallory = bad.user("mallory").await;
+    let _ = common::cluster::create_projects(&bad, &mallory, 20, 1).await;
+
+    a.wait_log("A to refuse a broken gossip message", |l| l.contains("gossip message refused")).await;
+    let score = wait_peer(&a, &peer_id(&bad), "the bad member's gossip score to fall", REPLICATE, |p| {
+        p["gossip_score"].as_f64().is_some_and(|s| s < 0.0)
+    })
+    .await;
+    assert!(score["gossip_score"].as_f64().unwrap_or(0.0) < 0.0, "{score}");
+    // A stays healthy, and what the member wrote validly still arrives (by reconciliation
+    // if its gossip is ignored now): both nodes hold the same rows.
+    assert_eq!(get(&a, &format!("/api/v1/users/{}", ada.id), &ada).await.0, 200);
+    wait_identical(&[&a, &bad], SHARDS).await;
+    assert!(!a.log().contains("panicked"), "A panicked");
+}

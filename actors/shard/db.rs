@@ -266,6 +266,8 @@ impl Db {
             }
             Some(_) => StoreError::Database(e.to_string()),
             None => {
+                slog_scope::warn!("shard query failed; checking the connection"; "shard" => self.shard,
+                                  "error" => crate::errors::chain(&e));
                 self.actor.do_send(ConnectionLost(e.to_string()));
                 StoreError::Unavailable(self.shard)
             }
@@ -274,6 +276,7 @@ impl Db {
 
     async fn client(&self) -> Result<Client, StoreError> {
         self.pool.get().await.map_err(|e| {
+            slog_scope::warn!("no shard connection; checking the database"; "shard" => self.shard, "error" => %e);
             self.actor.do_send(ConnectionLost(e.to_string()));
             StoreError::Unavailable(self.shard)
         })

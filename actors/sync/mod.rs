@@ -114,6 +114,9 @@ pub struct SyncActor {
     next_session: u64,
     running: usize,
     totals: Totals,
+    /// The last batch published (test builds replay it through the `gossip-tamper` fail point).
+    #[cfg(feature = "failpoints")]
+    last_published: Option<Vec<u8>>,
 }
 
 /// Node-wide replication counters.
@@ -153,6 +156,8 @@ impl SyncActor {
             next_session: rand::random::<u32>() as u64,
             running: 0,
             totals: Totals::default(),
+            #[cfg(feature = "failpoints")]
+            last_published: None,
         }
     }
 
@@ -184,7 +189,31 @@ impl SyncActor {
         self.totals.batches_published += 1;
         self.totals.changes_published += states.len() as u64;
         let batch = GossipBatch { node: self.node_id.clone(), states };
-        self.peer.do_send(Publish(protocol::seal(&self.keys, Kind::Gossip, &batch)));
+        let sealed = protocol::seal(&self.keys, Kind::Gossip, &batch);
+        for message in self.tamper(sealed) {
+            self.peer.do_send(Publish(message));
+        }
+    }
+
+    /// Test builds: `FAILPOINTS=gossip-tamper=return` makes this node publish, for each
+    /// batch, what a broken or hostile peer might: random bytes, the batch truncated, the
+    /// batch sealed with another network's key, the previous batch again (a replay), and
+    /// only then the batch itself. Otherwise (and always in release builds) the batch.
+    fn tamper(&mut self, sealed: Vec<u8>) -> Vec<Vec<u8>> {
+        #[cfg(feature = "failpoints")]
+        if fail::eval("gossip-tamper", |_| ()).is_some() {
+            let stranger = NetworkKeys::derive(&rand::random());
+            let opened = self.keys.open(Kind::Gossip, &sealed).unwrap_or_default();
+            let mut out = vec![
+                (0..512).map(|_| rand::random::<u8>()).collect(),
+                sealed[..sealed.len() / 2].to_vec(),
+                stranger.seal(Kind::Gossip, &opened),
+            ];
+            out.extend(self.last_published.replace(sealed.clone()));
+            out.push(sealed);
+            return out;
+        }
+        vec![sealed]
     }
 
     fn on_gossip(&mut self, from: PeerId, payload: Vec<u8>, ctx: &mut Context<Self>) {

@@ -147,3 +147,50 @@ pub async fn wait_identical(nodes: &[&Node], shards: usize) -> usize {
     })
     .await
 }
+
+/// Creates `n` projects as `user` on `node`, `parallel` requests at a time; returns the
+/// ids. Every one must be created (201).
+pub async fn create_projects(node: &Node, user: &TestUser, n: usize, parallel: usize) -> Vec<String> {
+    use futures_util::StreamExt;
+    let requests = (0..n).map(|i| {
+        let req = node
+            .req(reqwest::Method::POST, "/api/v1/projects", user)
+            .json(&serde_json::json!({ "name": format!("project {i}"), "tags": [format!("t{}", i % 7)] }));
+        async move {
+            let res = req.send().await.expect("create project");
+            let status = res.status();
+            let body: Value = res.json().await.expect("project body");
+            assert_eq!(status, 201, "create project {i}: {body}");
+            body["id"].as_str().expect("id").to_owned()
+        }
+    });
+    futures_util::stream::iter(requests).buffer_unordered(parallel).collect().await
+}
+
+/// Rows of a node whose stored version has no change-log entry: a row written without
+/// its log entry (or the reverse) would be a half-applied change.
+pub async fn rows_without_log_entry(dir: &Path, shards: usize) -> i64 {
+    let mut total = 0;
+    for shard in 0..shards {
+        let db = shard_db(dir, shard).await;
+        for table in ["users", "profiles", "projects"] {
+            let sql = format!(
+                "SELECT count(*) FROM {table} t
+                 WHERE NOT EXISTS (SELECT 1 FROM changes c WHERE c.row_id = t.id AND c.vclock = t.vclock)"
+            );
+            total += db.query_one(&sql, &[]).await.expect("count rows without log entry").get::<_, i64>(0);
+        }
+    }
+    total
+}
+
+/// Transactions of the node in `dir` held open in its PostgreSQL (idle in transaction);
+/// `None` while that PostgreSQL does not answer yet.
+pub async fn open_transactions(dir: &Path) -> Option<i64> {
+    let mut config = tokio_postgres::Config::new();
+    config.host_path(dir.join("pg")).port(5432).user("postgres").dbname("postgres");
+    let (db, conn) = config.connect(tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(conn);
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' AND application_name = 'cosmicsync'";
+    db.query_one(sql, &[]).await.ok().map(|r| r.get(0))
+}

@@ -87,6 +87,17 @@ impl Node {
         Node::start_wrapped(&[], dir, &args).await
     }
 
+    /// Starts a node in a fresh temp data directory with `FAST` plus `args` and extra
+    /// environment variables (e.g. `FAILPOINTS`).
+    pub async fn start_env(args: &[&str], env: &[(&str, &str)]) -> Node {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_owned();
+        let args: Vec<&str> = FAST.iter().chain(args).copied().collect();
+        let mut node = Node::start_wrapped_env(&[], &dir, &args, env).await;
+        node._temp = Some(temp);
+        node
+    }
+
     /// Starts a node in a fresh temp data directory through `wrapper` (e.g.
     /// `ip netns exec NS`, which execs the binary, so the child's pid is the node's),
     /// with exactly `args` (no `FAST`: the caller chooses every address).
@@ -99,7 +110,11 @@ impl Node {
     }
 
     async fn start_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Node {
-        let mut child = Node::spawn_wrapped(wrapper, dir, args);
+        Node::start_wrapped_env(wrapper, dir, args, &[]).await
+    }
+
+    async fn start_wrapped_env(wrapper: &[&str], dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut child = Node::spawn_env(wrapper, dir, args, env);
         let pid = u64::from(child.id());
         let info = wait_for("node.json", Duration::from_secs(120), || {
             if let Some(status) = child.try_wait().ok().flatten() {
@@ -116,11 +131,12 @@ impl Node {
     /// directory, without waiting for it (see `start_in` for that).
     pub fn spawn(dir: &Path, args: &[&str]) -> Child {
         let args: Vec<&str> = FAST.iter().chain(args).copied().collect();
-        Node::spawn_wrapped(&[], dir, &args)
+        Node::spawn_env(&[], dir, &args, &[])
     }
 
-    /// Spawns `cosmicsync start` on `dir` through `wrapper` with exactly `args`.
-    fn spawn_wrapped(wrapper: &[&str], dir: &Path, args: &[&str]) -> Child {
+    /// Spawns `cosmicsync start` on `dir` through `wrapper` with exactly `args` and the
+    /// extra environment `env`.
+    pub fn spawn_env(wrapper: &[&str], dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("test-node.log")).expect("log file");
         let mut cmd = match wrapper.split_first() {
@@ -134,6 +150,7 @@ impl Node {
         cmd.arg("--data-dir").arg(dir).arg("start").args(args);
         // Cheap bcrypt through the environment, so a test can still override it with a flag.
         cmd.env("COSMICSYNC_BCRYPT_COST", "4");
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         cmd.spawn().expect("start cosmicsync")
     }

@@ -439,6 +439,9 @@ impl Db {
             change.conflicts = applied.opened.iter().map(note).collect();
             changes.push(change);
         }
+        // Test builds: `FAILPOINTS=apply-remote-commit=1*sleep(60000)` holds the first batch
+        // here, rows written and uncommitted, so a test can kill the node mid-batch.
+        fail::fail_point!("apply-remote-commit");
         let pending = self.log_changes(&tx, changes).await?;
         tx.commit().await.map_err(|e| self.fail(e))?;
         pending.committed();
