@@ -46,6 +46,22 @@ where
     }
 }
 
+/// What a test may skip for: `Ok(value)` runs it; `Err(why)` (a missing privilege or
+/// tool, never a lab or server that failed to come up) prints `SKIPPED: <why>` and
+/// returns `None`, except under `CI=true`, where a skip is a failure: CI has to run it.
+pub fn or_skip<T, E: std::fmt::Display>(ready: Result<T, E>) -> Option<T> {
+    match ready {
+        Ok(value) => Some(value),
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true, so this test may not be skipped: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            None
+        }
+    }
+}
+
 /// The path of the binary under test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cosmicsync")
