@@ -8,6 +8,7 @@
 
 pub mod netlab;
 pub mod p2p;
+pub mod pg_tls;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -242,6 +243,28 @@ impl Node {
             username: username.to_owned(),
             token: self.token(username, PASSWORD).await,
         }
+    }
+
+    /// Registers users until one lives on `shard` (of `shards`) and one elsewhere:
+    /// (the one on it, the other).
+    pub async fn users_on_and_off(&self, shards: usize, shard: usize) -> (TestUser, TestUser) {
+        let router = cosmicsync::placement::Router::new(shards as u32);
+        let (mut on, mut off) = (None, None);
+        for i in 0..64 {
+            let user = self.user(&format!("user{i}")).await;
+            let slot = if router.shard_of(&user.id) == shard { &mut on } else { &mut off };
+            slot.get_or_insert(user);
+            if let (Some(on), Some(off)) = (&on, &off) {
+                return (on.clone(), off.clone());
+            }
+        }
+        panic!("64 users and none on shard {shard}, or all on it");
+    }
+
+    /// Creates a project as `user`; the answer's status.
+    pub async fn create_project(&self, user: &TestUser, name: &str) -> u16 {
+        let res = self.req(reqwest::Method::POST, "/api/v1/projects", user).json(&json!({ "name": name })).send().await;
+        res.map(|r| r.status().as_u16()).unwrap_or(0)
     }
 
     /// A request with the user's token.
