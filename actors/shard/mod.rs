@@ -383,6 +383,8 @@ shard_requests! {
     Decide { txid: Uuid } -> bool = decide;
     /// Forgets a decision every participant has applied.
     Forget { txid: Uuid } -> () = forget;
+    /// Forgets abort decisions older than an age in seconds.
+    PruneAborts { min_age_secs: i64 } -> u64 = prune_aborts;
     /// Reads a profile.
     GetProfile { id: Uuid } -> Profile = get_profile;
     /// Updates a profile (owner only).
