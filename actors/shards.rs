@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::actors::shard::{
     ChangesSince, CreateUser, Decide, DirEntry, DirKind, FinishPrepared, Forget, GetUser, Health, InDoubt,
-    ListProjects, Lookup, PrepareDirectory, ProjectQuery, ShardActor, ShardHealth, UpdateUser, UserChange,
+    ListProjects, Lookup, PrepareDirectory, ProjectQuery, PruneAborts, ShardActor, ShardHealth, UpdateUser, UserChange,
 };
 use crate::model::{ChangeEvent, Profile, Project, UserRow};
 use crate::placement::Router;
@@ -26,6 +26,13 @@ use crate::sealing::SharedKeyring;
 use crate::validate::{email_key, username_key};
 
 mod replicate;
+
+/// How long an abort decision is kept. While the coordinator's transaction could still
+/// be running, its row is what stops it committing after recovery aborted the
+/// participants; every statement and idle gap of that transaction is bounded by the shard
+/// timeout (at most an hour), so a day is far beyond any transaction's life. A
+/// participant recovered after that finds no decision and is aborted: the same outcome.
+const ABORT_RETENTION_SECS: i64 = 24 * 3600;
 
 /// Directory entries to claim and release on one shard.
 #[derive(Default)]
@@ -259,9 +266,12 @@ impl Shards {
 
     /// Finishes prepared transactions older than `min_age_secs` that a crash or an
     /// outage left behind, as their coordinator decided (an undecided one is aborted).
-    /// Returns how many were finished.
+    /// Returns how many were finished. Then prunes `tx_decisions`: a recovered commit is
+    /// forgotten once no shard holds a transaction of it prepared, and abort decisions
+    /// once older than `ABORT_RETENTION_SECS`.
     pub async fn recover_in_doubt(&self, min_age_secs: i64) -> usize {
         let mut finished = 0;
+        let mut committed = Vec::new();
         for shard in 0..self.len() {
             let Ok(gids) = self.ask(shard, InDoubt { min_age_secs }).await else { continue };
             for gid in gids {
@@ -273,10 +283,39 @@ impl Shards {
                 if self.finish_one(shard, gid.clone(), commit).await {
                     info!("recovered a prepared transaction"; "gid" => gid, "committed" => commit);
                     finished += 1;
+                    if commit {
+                        committed.push((txid, home));
+                    }
                 }
             }
         }
+        self.forget_settled(committed).await;
+        for shard in 0..self.len() {
+            let _ = self.ask(shard, PruneAborts { min_age_secs: ABORT_RETENTION_SECS }).await;
+        }
         finished
+    }
+
+    /// Forgets the recovered commits no shard still holds a prepared transaction of. A
+    /// commit decision must outlive every participant's prepared transaction (without it
+    /// recovery would abort that participant), and recovery cannot know them all: it
+    /// forgets only when every shard answers and none lists the transaction.
+    async fn forget_settled(&self, mut committed: Vec<(Uuid, usize)>) {
+        committed.sort_unstable();
+        committed.dedup();
+        if committed.is_empty() {
+            return;
+        }
+        let mut prepared = Vec::new();
+        for shard in 0..self.len() {
+            let Ok(gids) = self.ask(shard, InDoubt { min_age_secs: 0 }).await else { return };
+            prepared.extend(gids.iter().filter_map(|g| parse_gid(g)).map(|(txid, _)| txid));
+        }
+        for (txid, home) in committed {
+            if !prepared.contains(&txid) {
+                let _ = self.ask(home, Forget { txid }).await;
+            }
+        }
     }
 
     /// A page of live projects, newest first, across every shard unless one creator

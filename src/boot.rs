@@ -216,8 +216,8 @@ async fn start(
                    could pose as it; give its CA (sslrootcert= or --shard-ca-file) to verify it";
                   "shard" => index, "endpoint" => &shard.endpoint);
         }
-        let (env, pool) = (env.clone(), config.pool_size);
-        addrs.push(Supervisor::start(move |_| ShardActor::new(index, shard.pg, tls, pool, env)));
+        let (env, pool, timeout) = (env.clone(), config.pool_size, config.shard_timeout);
+        addrs.push(Supervisor::start(move |_| ShardActor::new(index, shard.pg, tls, pool, timeout, env)));
     }
     let shards = Shards::new(addrs, keys.clone());
     let hub = hub_ctx.run(EventHub::new(sequencer.peek(), shards.clone()));

@@ -30,6 +30,7 @@ pub mod defaults {
     pub const HTTP_ADDR: &str = "127.0.0.1:8443";
     pub const SHARDS: usize = 4;
     pub const POOL_SIZE: usize = 16;
+    pub const SHARD_TIMEOUT_SECS: u64 = 10;
     pub const PG_MAX_CONNECTIONS: u32 = 200;
     pub const BCRYPT_COST: u32 = 12;
     pub const TOKEN_TTL_SECS: u64 = 3600;
@@ -78,6 +79,15 @@ pub struct NodeArgs {
     /// Connections per shard pool [default: 16]
     #[arg(long, env = "COSMICSYNC_POOL_SIZE", value_name = "N")]
     pub pool_size: Option<usize>,
+
+    /// Longest a request to one shard may take, in seconds (1-3600): past it the request
+    /// fails with 503 and the shard is checked, so a shard server that stops answering
+    /// without closing its connections (black-holed) fails its own requests in bounded
+    /// time and the others keep serving. Also each statement's statement_timeout, the
+    /// limit on a transaction left idle, and the TCP user timeout (with keepalives) that
+    /// closes a connection whose packets go unanswered [default: 10]
+    #[arg(long, env = "COSMICSYNC_SHARD_TIMEOUT", value_name = "SECONDS")]
+    pub shard_timeout: Option<u64>,
 
     /// Directory of the PostgreSQL server binaries [default: `pg_config --bindir`]
     #[arg(long, env = "COSMICSYNC_PG_BIN_DIR", value_name = "DIR")]
@@ -166,6 +176,7 @@ pub struct FileConfig {
     pub shard_urls: Option<Vec<String>>,
     pub shard_ca_file: Option<PathBuf>,
     pub pool_size: Option<usize>,
+    pub shard_timeout: Option<u64>,
     pub pg_bin_dir: Option<PathBuf>,
     pub pg_max_connections: Option<u32>,
     pub bcrypt_cost: Option<u32>,
@@ -218,6 +229,8 @@ pub struct NodeConfig {
     /// CA file for shard URLs without their own `sslrootcert` (see `shard_tls`).
     pub shard_ca_file: Option<PathBuf>,
     pub pool_size: usize,
+    /// Bound on one shard request (see `--shard-timeout`).
+    pub shard_timeout: std::time::Duration,
     pub bcrypt_cost: u32,
     pub token_ttl_secs: u64,
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -353,6 +366,11 @@ impl NodeConfig {
         if !(1..=1024).contains(&pool_size) {
             return Err(invalid("pool-size", "must be 1-1024"));
         }
+        let shard_timeout = args.shard_timeout.or(file.shard_timeout).unwrap_or(defaults::SHARD_TIMEOUT_SECS);
+        if !(1..=3600).contains(&shard_timeout) {
+            return Err(invalid("shard-timeout", "must be 1-3600 seconds"));
+        }
+        let shard_timeout = std::time::Duration::from_secs(shard_timeout);
         let bcrypt_cost = args.bcrypt_cost.or(file.bcrypt_cost).unwrap_or(defaults::BCRYPT_COST);
         if !(4..=31).contains(&bcrypt_cost) {
             return Err(invalid("bcrypt-cost", "must be 4-31"));
@@ -434,6 +452,7 @@ impl NodeConfig {
             storage,
             shard_ca_file,
             pool_size,
+            shard_timeout,
             bcrypt_cost,
             token_ttl_secs,
             tls,
@@ -550,6 +569,7 @@ mod tests {
             (NodeArgs { bcrypt_cost: Some(3), ..Default::default() }, "bcrypt-cost"),
             (NodeArgs { shards: Some(0), ..Default::default() }, "shards"),
             (NodeArgs { pool_size: Some(0), ..Default::default() }, "pool-size"),
+            (NodeArgs { shard_timeout: Some(0), ..Default::default() }, "shard-timeout"),
         ] {
             let err = NodeConfig::merge(&GlobalOptions::default(), &args, FileConfig::default()).unwrap_err();
             assert!(err.to_string().contains(field), "{err}");

@@ -1,12 +1,13 @@
 //! The two optional ways a node finds a way to its peers without a bootstrap node or
 //! relay, run as real `cosmicsync` processes in Linux network namespaces:
 //!
-//! - **mDNS** (`--mdns`): three hosts on one LAN segment of this test's own (namespace
-//!   `cslan-sw` holds a bridge; `cslan-1` … `cslan-3` are hosts on it, 10.77.0.1–3/24).
+//! - **mDNS** (`--mdns`): three hosts on one LAN segment of the project's lab
+//!   (`tests/common/netlab.rs`, `Lab::segment`: namespace `cslan-sw` holds a bridge;
+//!   `cslan-1` … `cslan-3` are hosts on it, 10.77.0.1–3/24).
 //!   Two nodes started with `--mdns` and no bootstrap peer must find each other and hold
 //!   a direct connection; a third node on the same segment without `--mdns` must have no
 //!   peer at all (see the test for why that observation cannot flake).
-//! - **UPnP** (`--upnp`): natlab's router `nat-a` (`../shared/netlab/natlab.sh`) runs a
+//! - **UPnP** (`--upnp`): the lab's NAT router `nat-a` (`Lab::nat`) runs a
 //!   real UPnP IGD daemon, Debian's miniupnpd (nftables backend), with a config this test
 //!   writes. A node behind it started with `--upnp` must get a port mapping (log line
 //!   `UPnP port mapping made`, the mapped address among `external_addrs` in its status),
@@ -15,8 +16,9 @@
 //!
 //! Needs root, iproute2, nftables, iptables, conntrack and miniupnpd
 //! (`.ci/ensure-netlab` installs them). Without them a test prints `SKIPPED: <reason>` and
-//! returns; it never passes silently (nextest shows its output). Both tests hold the lock
-//! `tests/nat.rs` holds (namespace names are global), tear their namespaces and daemons
+//! returns (nextest shows its output), except under `CI=true`, where that fails; a lab
+//! that fails to come up always fails the test. Both hold the lab's lock (namespace
+//! names are global), tear their namespaces and daemons
 //! down on drop, also when they fail, and wait only for observable conditions with
 //! deadlines.
 
@@ -26,86 +28,19 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netlab::{DEADLINE, Lab, lock, network, node_in, require, run};
+use common::netlab::{DEADLINE, LAN_NET, Lab, Nat, Skip, network, node_in, require, run};
 use common::p2p::{peer_id, wait_peer};
-use common::wait_for;
-
-/// The namespace holding the LAN segment's bridge.
-const SWITCH: &str = "cslan-sw";
-
-/// The segment's prefix; host `i` (from 1) is `10.77.0.<i>`.
-const LAN_NET: &str = "10.77.0";
-
-/// A LAN segment of this test's own: a bridge in namespace `SWITCH` and `n` hosts
-/// `cslan-<i>`, each with `eth0` on the bridge. Built under the namespace lock and torn
-/// down on drop (also when the test fails).
-struct Segment {
-    hosts: Vec<String>,
-    _lock: std::fs::File,
-}
-
-impl Segment {
-    fn up(n: usize) -> Result<Segment, String> {
-        require(&["ip"])?;
-        let segment = Segment { hosts: (1..=n).map(|i| format!("cslan-{i}")).collect(), _lock: lock()? };
-        // Leftovers of a run that was killed before its drop ran.
-        segment.down();
-        segment.build()?;
-        Ok(segment)
-    }
-
-    fn build(&self) -> Result<(), String> {
-        run(&["ip", "netns", "add", SWITCH])?;
-        run(&["ip", "-n", SWITCH, "link", "add", "br0", "type", "bridge"])?;
-        run(&["ip", "-n", SWITCH, "link", "set", "br0", "up"])?;
-        for (i, host) in self.hosts.iter().enumerate() {
-            let (port, addr) = (format!("p{}", i + 1), format!("{LAN_NET}.{}/24", i + 1));
-            run(&["ip", "netns", "add", host])?;
-            // IPv4 only, as natlab: mDNS runs on IPv4 by default.
-            run(&["ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
-            run(&["ip", "-n", host, "link", "set", "lo", "up"])?;
-            run(&["ip", "-n", SWITCH, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", host])?;
-            run(&["ip", "-n", SWITCH, "link", "set", &port, "master", "br0", "up"])?;
-            run(&["ip", "-n", host, "addr", "add", &addr, "dev", "eth0"])?;
-            run(&["ip", "-n", host, "link", "set", "eth0", "up"])?;
-        }
-        Ok(())
-    }
-
-    /// Kills whatever still runs in the segment's namespaces, then deletes them.
-    fn down(&self) {
-        for ns in self.hosts.iter().map(String::as_str).chain([SWITCH]) {
-            let Ok(pids) = run(&["ip", "netns", "pids", ns]) else { continue };
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                // SAFETY: signalling a process inside a namespace this test created.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
-    }
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
+use common::{or_skip, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_on_one_lan_find_each_other_with_mdns_and_only_with_it() {
-    let segment = match Segment::up(3) {
-        Ok(segment) => segment,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
-    };
+    let Some(segment) = or_skip(Lab::segment(3)) else { return };
     // No node has a bootstrap peer: mDNS is the only way any of them can learn of another.
     // The node without mDNS starts first, so it is on the segment before any query is sent.
-    let quiet = node_in(&segment.hosts[2], &[]).await;
-    let m1 = node_in(&segment.hosts[0], &["--mdns"]).await;
+    let quiet = node_in(&segment.hosts()[2], &[]).await;
+    let m1 = node_in(&segment.hosts()[0], &["--mdns"]).await;
     let started = Instant::now();
-    let m2 = node_in(&segment.hosts[1], &["--mdns"]).await;
+    let m2 = node_in(&segment.hosts()[1], &["--mdns"]).await;
     let m2_up = started.elapsed();
     let (p1, p2, pq) = (peer_id(&m1), peer_id(&m2), peer_id(&quiet));
 
@@ -146,8 +81,8 @@ async fn nodes_on_one_lan_find_each_other_with_mdns_and_only_with_it() {
     );
 }
 
-/// Router `nat-a`'s WAN address for UPnP, on natlab's "internet" bridge beside its own.
-/// natlab's public range 198.18.0.0/15 is the benchmarking range, which libp2p's UPnP
+/// Router `nat-a`'s WAN address for UPnP, on the lab's "internet" bridge beside its own.
+/// The lab's public range 198.18.0.0/15 is the benchmarking range, which libp2p's UPnP
 /// client (rightly) treats as not public: a gateway with such an address sits behind
 /// another NAT, where a mapping is useless, and the node reports `NonRoutableGateway`.
 /// So the router also holds a global unicast address (the namespaces have no way out,
@@ -196,7 +131,7 @@ allow 1024-65535 10.10.1.0/24 1024-65535
 deny 0-65535 0.0.0.0/0 0-65535
 ";
 
-/// natlab (two endpoint-independent NATs) with a UPnP IGD on router `nat-a`. The daemon
+/// The NAT lab (two endpoint-independent NATs) with a UPnP IGD on router `nat-a`. The daemon
 /// is stopped on drop, before the lab goes down.
 struct UpnpLab {
     daemon: Child,
@@ -206,10 +141,15 @@ struct UpnpLab {
 
 impl UpnpLab {
     /// The lab with miniupnpd ready (its HTTP port open and the SSDP group joined on
-    /// `lan0`); `Err` says why it cannot run here.
-    async fn up() -> Result<UpnpLab, String> {
+    /// `lan0`); `Err` says why it cannot run here. A lab or daemon that fails to come up
+    /// fails the test.
+    async fn up() -> Result<UpnpLab, Skip> {
         require(&["miniupnpd"])?;
-        let lab = Lab::up("eim", "eim")?;
+        let lab = Lab::nat(Nat::EndpointIndependent, Nat::EndpointIndependent)?;
+        Ok(UpnpLab::start(lab).await.unwrap_or_else(|e| panic!("the UPnP lab failed to come up: {e}")))
+    }
+
+    async fn start(lab: Lab) -> Result<UpnpLab, String> {
         run(&["ip", "-n", "nat-a", "addr", "add", &format!("{WAN_GLOBAL}/24"), "dev", "wan0"])?;
         run(&["ip", "-n", "pub1", "addr", "add", &format!("{PUB1_GLOBAL}/24"), "dev", "eth0"])?;
         run(&["ip", "-n", "pub2", "addr", "add", &format!("{PUB2_GLOBAL}/24"), "dev", "eth0"])?;
@@ -217,7 +157,7 @@ impl UpnpLab {
         let nft = dir.path().join("miniupnpd.nft");
         std::fs::write(&nft, MINIUPNPD_NFT).map_err(|e| e.to_string())?;
         run(&["ip", "netns", "exec", "nat-a", "nft", "-f", &nft.to_string_lossy()])?;
-        // natlab's router drops every new connection from the WAN in its forward chain;
+        // the lab's router drops every new connection from the WAN in its forward chain;
         // a router with UPnP forwards what its port mappings (DNAT by miniupnpd) send in.
         // Without a mapping nothing is DNATed, so this opens nothing by itself.
         run(&[
@@ -312,13 +252,7 @@ fn read(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
-    let lab = match UpnpLab::up().await {
-        Ok(lab) => lab,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
-    };
+    let Some(lab) = or_skip(UpnpLab::up().await) else { return };
     // No bootstrap peer: the mapping is the only way anyone can reach this node.
     let started = Instant::now();
     let a = node_in("a1", &["--upnp"]).await;

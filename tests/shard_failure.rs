@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::{Node, PgGuard, TestUser, wait_for};
 use cosmicsync::embedded_pg::EmbeddedPostgres;
-use cosmicsync::placement::Router;
 use reqwest::Method;
 
 async fn profile_status(node: &Node, user: &TestUser) -> u16 {
@@ -36,21 +35,7 @@ async fn a_lost_shard_fails_alone_and_recovers() {
     }
     let node = Node::start(&args).await;
 
-    // Register until one user lives on shard 3 and one elsewhere.
-    let router = Router::new(4);
-    let (mut lost, mut kept) = (None, None);
-    for i in 0..64 {
-        let user = node.user(&format!("user{i}")).await;
-        if router.shard_of(&user.id) == 3 {
-            lost.get_or_insert(user);
-        } else {
-            kept.get_or_insert(user);
-        }
-        if lost.is_some() && kept.is_some() {
-            break;
-        }
-    }
-    let (lost, kept) = (lost.expect("a user on shard 3"), kept.expect("a user elsewhere"));
+    let (lost, kept) = node.users_on_and_off(4, 3).await;
     assert_eq!(profile_status(&node, &lost).await, 200);
 
     lone_pg.stop().unwrap();
@@ -65,13 +50,7 @@ async fn a_lost_shard_fails_alone_and_recovers() {
     assert!(problem["detail"].as_str().unwrap().contains("shard 3"), "{problem}");
     // Other shards keep serving, reads and writes.
     assert_eq!(profile_status(&node, &kept).await, 200);
-    let res = node
-        .req(Method::POST, "/api/v1/projects", &kept)
-        .json(&serde_json::json!({ "name": "still working" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
+    assert_eq!(node.create_project(&kept, "still working").await, 201);
     assert_eq!(node.client.get(node.url("/readyz")).send().await.unwrap().status(), 503);
     wait_for("a logged restart", Duration::from_secs(30), || async {
         let log = node.log();

@@ -6,123 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Child;
 use std::time::Duration;
 
-use common::{Node, PgGuard, wait_for};
-use cosmicsync::embedded_pg::{EmbeddedOptions, EmbeddedPostgres};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use common::pg_tls::{TlsServer, free_port};
+use common::{Node, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-/// A PostgreSQL server with TLS on a free TCP port, its CA, and a CA that did not sign it.
-struct TlsServer {
-    /// First field, so the server stops before its directory goes.
-    pg: PgGuard,
-    port: u16,
-    ca: PathBuf,
-    other_ca: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl TlsServer {
-    /// Starts the server with databases `s0` and `s1`; `None` (and a note why) when the
-    /// machine has no PostgreSQL.
-    fn start() -> Option<TlsServer> {
-        if EmbeddedPostgres::find_bin_dir(None).is_err() {
-            eprintln!("SKIPPED: PostgreSQL server binaries not found (install the postgresql package)");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let ca = ca("CosmicSync test shard CA");
-        let server_key = KeyPair::generate().unwrap();
-        let server_cert =
-            CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&server_key, &ca).unwrap();
-
-        // The server's files: its key must be private to the account PostgreSQL runs as.
-        let certs = dir.path().join("server-tls");
-        std::fs::create_dir(&certs).unwrap();
-        std::fs::write(certs.join("server.crt"), server_cert.pem()).unwrap();
-        write_private(&certs.join("server.key"), &server_key.serialize_pem());
-        give_to_postgres(&certs);
-
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
-        let other_ca = dir.path().join("other-ca.pem");
-        std::fs::write(&other_ca, self::ca("Some other CA").pem()).unwrap();
-
-        let port = free_port();
-        let mut opts = EmbeddedOptions::new(dir.path().join("pg"));
-        opts.port = port;
-        opts.extra_settings = [
-            ("listen_addresses", "127.0.0.1".to_owned()),
-            ("ssl", "on".to_owned()),
-            ("ssl_cert_file", certs.join("server.crt").display().to_string()),
-            ("ssl_key_file", certs.join("server.key").display().to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        let pg = PgGuard(EmbeddedPostgres::start(&opts).expect("start PostgreSQL with TLS"));
-        // initdb -A trust lets local TCP clients in; the node's connections must match it.
-        let hba = std::fs::read_to_string(pg.data_dir().join("pg_hba.conf")).unwrap();
-        assert!(hba.lines().any(|l| l.starts_with("host") && l.contains("127.0.0.1/32")), "pg_hba.conf:\n{hba}");
-        pg.ensure_databases(&["s0".into(), "s1".into()]).unwrap();
-        Some(TlsServer { pg, port, ca: ca_file, other_ca, _dir: dir })
-    }
-
-    /// `postgresql://postgres@HOST:PORT/DB?QUERY`.
-    fn url(&self, host: &str, db: &str, query: &str) -> String {
-        format!("postgresql://postgres@{host}:{}/{db}?{query}", self.port)
-    }
-
-    /// The node's connections to this server: (encrypted, plain, TLS versions in use).
-    async fn node_connections(&self) -> (i64, i64, Vec<String>) {
-        let (client, conn) = tokio_postgres::connect(&self.pg.url("postgres"), tokio_postgres::NoTls).await.unwrap();
-        let conn = tokio::spawn(conn);
-        let row = client
-            .query_one(
-                "SELECT count(*) FILTER (WHERE ssl), count(*) FILTER (WHERE NOT ssl), \
-                        coalesce(array_agg(DISTINCT version) FILTER (WHERE ssl), '{}') \
-                 FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'cosmicsync'",
-                &[],
-            )
-            .await
-            .unwrap();
-        drop(client);
-        let _ = conn.await;
-        (row.get(0), row.get(1), row.get(2))
-    }
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn write_private(path: &Path, text: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
-/// As root the server runs as `postgres`, which must own its key (PostgreSQL refuses a
-/// key others can read, and root's 0600 file is unreadable to it).
-fn give_to_postgres(path: &Path) {
-    if unsafe { libc::geteuid() } != 0 {
-        return;
-    }
-    let out = Command::new("chown").arg("-R").arg("postgres:").arg(path).output().expect("run chown");
-    assert!(out.status.success(), "chown: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Starts a node whose shards may never come up, and waits until `status --json` shows a
 /// shard whose `last_error` contains `needle`; returns the node and that report.

@@ -117,6 +117,24 @@ async fn transactions_left_in_doubt_are_settled_on_start() {
         .collect();
     assert_eq!(names, ["ghost-committed"]);
     assert!(node.log().contains("settled cross-shard transactions"));
+
+    // tx_decisions is pruned: the recovered commit is forgotten once no shard holds it
+    // prepared; the abort recovery recorded stays while its coordinator could still be
+    // running, and goes once older than the retention (made so here by backdating it).
+    let coordinator = shard_db(&dir, 0).await;
+    let decisions =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<(Uuid, String)> { rows.iter().map(|r| (r.get(0), r.get(1))).collect() };
+    let query = "SELECT txid, outcome FROM tx_decisions ORDER BY txid";
+    assert_eq!(decisions(coordinator.query(query, &[]).await.unwrap()), [(undecided, "abort".to_owned())]);
+    coordinator
+        .execute("UPDATE tx_decisions SET decided_at = now() - interval '2 days' WHERE txid = $1", &[&undecided])
+        .await
+        .unwrap();
+    wait_for("the old abort decision to be pruned", Duration::from_secs(60), || {
+        let coordinator = &coordinator;
+        async move { coordinator.query(query, &[]).await.unwrap().is_empty().then_some(()) }
+    })
+    .await;
     drop(node);
     drop(temp);
 }

@@ -611,6 +611,18 @@ impl Db {
         Ok(())
     }
 
+    /// Drops abort decisions older than `min_age_secs` (see `Shards::recover_in_doubt`).
+    pub async fn prune_aborts(&self, min_age_secs: i64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM tx_decisions WHERE outcome = 'abort' AND decided_at < now() - make_interval(secs => $1)",
+                &[&(min_age_secs as f64)],
+            )
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
     // ----- profiles ----------------------------------------------------------------
 
     pub async fn get_profile(&self, id: Uuid) -> Result<Profile, StoreError> {

@@ -8,6 +8,16 @@
 //! `StoreError::Unavailable` (HTTP 503) at once; other shards are not affected.
 //! Requests run as detached tasks, so a restart never cuts a transaction in half.
 //! It must never panic on anything the database or a client sends.
+//!
+//! No stall: a request waits at most the shard timeout (`--shard-timeout`) for its
+//! answer, then fails with `StoreError::Unavailable` and asks for a health check. A
+//! server that stops answering without closing the connection (black-holed) cannot hold
+//! a connection beyond that either: connections carry TCP keepalives and a TCP user
+//! timeout of the same length (the kernel closes a connection whose packets go
+//! unacknowledged that long), and the server's `statement_timeout` and
+//! `idle_in_transaction_session_timeout` bound a statement and an abandoned
+//! transaction. So a detached request that outlived its caller also ends, rolls back and
+//! reports its sequence numbers void, in bounded time.
 
 mod db;
 pub mod migrate;
@@ -72,6 +82,8 @@ pub struct ShardActor {
     /// Used only when `pg` asks for TLS (TCP hosts; see `shard_tls`).
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     pool_size: usize,
+    /// Bound on one request (see the module docs).
+    timeout: Duration,
     env: Arc<ShardEnv>,
     pool: Option<Pool>,
     state: ShardState,
@@ -83,26 +95,39 @@ pub struct ShardActor {
 }
 
 impl ShardActor {
-    /// A shard actor for shard `index` of database `pg`, reached through `tls`.
+    /// A shard actor for shard `index` of database `pg`, reached through `tls`, with
+    /// `pool_size` connections and requests bounded by `timeout`.
     pub fn new(
         index: usize,
         mut pg: tokio_postgres::Config,
         tls: tokio_postgres_rustls::MakeRustlsConnect,
         pool_size: usize,
+        timeout: Duration,
         env: Arc<ShardEnv>,
     ) -> Self {
-        pg.connect_timeout(HEALTH_TIMEOUT);
+        pg.connect_timeout(HEALTH_TIMEOUT.min(timeout));
         pg.application_name("cosmicsync");
+        // A black-holed server: keepalive probes start after a third of the timeout idle,
+        // and the kernel closes the connection once anything sent (data or probe) has
+        // gone unacknowledged for the whole timeout. TCP only; a Unix socket ignores them.
+        pg.keepalives(true);
+        pg.keepalives_idle((timeout / 3).max(Duration::from_secs(1)));
+        pg.keepalives_interval(Duration::from_secs(1));
+        pg.tcp_user_timeout(timeout);
         // A write gives up on a row lock after a few seconds instead of queueing behind a
-        // stuck transaction forever. Set per connection: no extra round trip per write.
-        let options =
-            pg.get_options().map(|o| format!("{o} -c lock_timeout=5s")).unwrap_or_else(|| "-c lock_timeout=5s".into());
+        // stuck transaction forever; no statement, and no transaction its client left
+        // idle, outlives the shard timeout. Set per connection: no extra round trip.
+        let ms = timeout.as_millis();
+        let limits =
+            format!("-c lock_timeout=5s -c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}");
+        let options = pg.get_options().map(|o| format!("{o} {limits}")).unwrap_or(limits);
         pg.options(options);
         Self {
             index,
             pg,
             tls,
             pool_size,
+            timeout,
             env,
             pool: None,
             state: ShardState::Connecting,
@@ -163,7 +188,11 @@ impl ShardActor {
                 .build()
                 .map_err(|e| e.to_string())?;
             let mut client = pool.get().await.map_err(|e| crate::shard_tls::describe_connect_error(&e))?;
+            // A migration may rewrite a large table: no statement timeout for it (the TCP
+            // user timeout still ends it if the server stops answering).
+            client.batch_execute("SET statement_timeout = 0").await.map_err(|e| e.to_string())?;
             let applied = migrate::apply(&mut client).await.map_err(|e| format!("migrations failed: {e}"))?;
+            client.batch_execute("RESET statement_timeout").await.map_err(|e| e.to_string())?;
             if applied > 0 {
                 info!("schema migrated"; "shard" => index, "migrations" => applied);
             }
@@ -283,6 +312,25 @@ async fn detached<T: Send + 'static>(
     tokio::spawn(fut).await.map_err(|e| StoreError::Database(format!("shard task failed: {e}")))?
 }
 
+/// Runs `fut` detached and waits at most `timeout` for it: past that the caller gets
+/// `Unavailable` and the shard checks its health at once. The request itself runs on
+/// until its connection gives out (bounded too, see the module docs).
+async fn bounded<T: Send + 'static>(
+    index: usize,
+    timeout: Duration,
+    actor: Addr<ShardActor>,
+    fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, detached(fut)).await {
+        Ok(result) => result,
+        Err(_) => {
+            warn!("shard request timed out"; "shard" => index, "timeout_ms" => timeout.as_millis() as u64);
+            actor.do_send(ConnectionLost(format!("a request got no answer in {} ms", timeout.as_millis())));
+            Err(StoreError::Unavailable(index))
+        }
+    }
+}
+
 /// Declares request messages that map one-to-one onto `Db` methods: the fields are the
 /// method's arguments in order, the reply is `Result<$ret, StoreError>`.
 macro_rules! shard_requests {
@@ -299,11 +347,11 @@ macro_rules! shard_requests {
                 type Result = ResponseFuture<Result<$ret, StoreError>>;
 
                 fn handle(&mut self, msg: $name, ctx: &mut Self::Context) -> Self::Result {
-                    let db = self.db(ctx);
+                    let (db, timeout, index, actor) = (self.db(ctx), self.timeout, self.index, ctx.address());
                     Box::pin(async move {
                         let db = db?;
                         let $name { $($field),* } = msg;
-                        detached(async move { db.$method($($field),*).await }).await
+                        bounded(index, timeout, actor, async move { db.$method($($field),*).await }).await
                     })
                 }
             }
@@ -338,6 +386,8 @@ shard_requests! {
     Decide { txid: Uuid } -> bool = decide;
     /// Forgets a decision every participant has applied.
     Forget { txid: Uuid } -> () = forget;
+    /// Forgets abort decisions older than an age in seconds.
+    PruneAborts { min_age_secs: i64 } -> u64 = prune_aborts;
     /// Reads a profile.
     GetProfile { id: Uuid } -> Profile = get_profile;
     /// Updates a profile (owner only).

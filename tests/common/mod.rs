@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod netlab;
 pub mod p2p;
+pub mod pg_tls;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,22 @@ where
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a test may skip for: `Ok(value)` runs it; `Err(why)` (a missing privilege or
+/// tool, never a lab or server that failed to come up) prints `SKIPPED: <why>` and
+/// returns `None`, except under `CI=true`, where a skip is a failure: CI has to run it.
+pub fn or_skip<T, E: std::fmt::Display>(ready: Result<T, E>) -> Option<T> {
+    match ready {
+        Ok(value) => Some(value),
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true, so this test may not be skipped: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            None
+        }
     }
 }
 
@@ -244,6 +261,28 @@ impl Node {
             username: username.to_owned(),
             token: self.token(username, PASSWORD).await,
         }
+    }
+
+    /// Registers users until one lives on `shard` (of `shards`) and one elsewhere:
+    /// (the one on it, the other).
+    pub async fn users_on_and_off(&self, shards: usize, shard: usize) -> (TestUser, TestUser) {
+        let router = cosmicsync::placement::Router::new(shards as u32);
+        let (mut on, mut off) = (None, None);
+        for i in 0..64 {
+            let user = self.user(&format!("user{i}")).await;
+            let slot = if router.shard_of(&user.id) == shard { &mut on } else { &mut off };
+            slot.get_or_insert(user);
+            if let (Some(on), Some(off)) = (&on, &off) {
+                return (on.clone(), off.clone());
+            }
+        }
+        panic!("64 users and none on shard {shard}, or all on it");
+    }
+
+    /// Creates a project as `user`; the answer's status.
+    pub async fn create_project(&self, user: &TestUser, name: &str) -> u16 {
+        let res = self.req(reqwest::Method::POST, "/api/v1/projects", user).json(&json!({ "name": name })).send().await;
+        res.map(|r| r.status().as_u16()).unwrap_or(0)
     }
 
     /// A request with the user's token.
