@@ -276,8 +276,11 @@ impl Db {
 
     async fn client(&self) -> Result<Client, StoreError> {
         self.pool.get().await.map_err(|e| {
-            slog_scope::warn!("no shard connection; checking the database"; "shard" => self.shard, "error" => %e);
-            self.actor.do_send(ConnectionLost(e.to_string()));
+            // Every connection busy for the whole wait is load: the database is fine.
+            if !matches!(e, deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) {
+                slog_scope::warn!("no shard connection; checking the database"; "shard" => self.shard, "error" => %e);
+                self.actor.do_send(ConnectionLost(e.to_string()));
+            }
             StoreError::Unavailable(self.shard)
         })
     }

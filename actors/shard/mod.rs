@@ -175,6 +175,7 @@ impl ShardActor {
         let tls = self.tls.clone();
         let size = self.pool_size;
         let index = self.index;
+        let timeout = self.timeout;
         let sequencer = self.env.sequencer.clone();
         let keys = self.env.keys.get();
         let attempt = async move {
@@ -182,7 +183,9 @@ impl ShardActor {
             let pool = Pool::builder(manager)
                 .max_size(size)
                 .runtime(Runtime::Tokio1)
-                .wait_timeout(Some(HEALTH_TIMEOUT))
+                // Waiting for a free connection is load, not failure: a request may wait
+                // as long as it may take at all.
+                .wait_timeout(Some(timeout))
                 .create_timeout(Some(HEALTH_TIMEOUT))
                 .recycle_timeout(Some(HEALTH_TIMEOUT))
                 .build()

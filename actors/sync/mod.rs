@@ -30,8 +30,9 @@ use utoipa::ToSchema;
 use self::protocol::{GossipBatch, Request, Response};
 use self::reconcile::{ROWS_PER_REQUEST, Served, ServedSessions, SessionError, SessionStats, Snapshot, Transport};
 use crate::actors::peer::{PeerActor, Publish, SyncRequest, SyncRespond};
-use crate::actors::shard::RemoteState;
+use crate::actors::shard::{RemoteApplied, RemoteState};
 use crate::actors::shards::Shards;
+use crate::problem::StoreError;
 use crate::replication::netkey::{Kind, NetworkKeys};
 use crate::replication::rules::RowState;
 
@@ -42,6 +43,12 @@ const BATCH_DELAY: Duration = Duration::from_millis(5);
 const BATCH_BYTES: usize = crate::actors::peer::behaviour::GOSSIP_MAX_BYTES * 3 / 4;
 /// A served session unused this long is dropped.
 const SESSION_IDLE: Duration = Duration::from_secs(60);
+/// Batches from peers applied at once: the rest wait, so gossip cannot take every shard
+/// connection from the node's own clients.
+const APPLYING: usize = 2;
+/// Gossip batches waiting to be applied; beyond this they are dropped (reconciliation
+/// brings their changes), which bounds the memory a flood of gossip can take.
+const MAX_WAITING_BATCHES: usize = 256;
 
 /// A committed local change: its sequence number here and the row's new state.
 #[derive(Debug, Clone)]
@@ -114,6 +121,9 @@ pub struct SyncActor {
     next_session: u64,
     running: usize,
     totals: Totals,
+    /// Permits to apply batches from peers (`APPLYING`), and how many batches wait.
+    applying: Arc<tokio::sync::Semaphore>,
+    waiting_batches: usize,
     /// The last batch published (test builds replay it through the `gossip-tamper` fail point).
     #[cfg(feature = "failpoints")]
     last_published: Option<Vec<u8>>,
@@ -127,6 +137,8 @@ pub struct Totals {
     pub changes_published: u64,
     /// Gossip batches received from peers, and the changes in them that changed a row here.
     pub batches_received: u64,
+    /// Batches dropped because too many waited to be applied (reconciliation brings them).
+    pub batches_dropped: u64,
     pub changes_applied: u64,
     /// Reconciliation sessions run by this node that finished, and that failed.
     pub sessions_done: u64,
@@ -156,6 +168,8 @@ impl SyncActor {
             next_session: rand::random::<u32>() as u64,
             running: 0,
             totals: Totals::default(),
+            applying: Arc::new(tokio::sync::Semaphore::new(APPLYING)),
+            waiting_batches: 0,
             #[cfg(feature = "failpoints")]
             last_published: None,
         }
@@ -225,17 +239,33 @@ impl SyncActor {
             }
         };
         self.totals.batches_received += 1;
-        let shards = self.shards.clone();
-        let fut = async move { shards.apply_remote(batch.states).await };
-        ctx.spawn(fut.into_actor(self).map(move |result, act, _| match result {
+        if self.waiting_batches >= MAX_WAITING_BATCHES {
+            self.totals.batches_dropped += 1;
+            debug!("gossip batch dropped: too many wait to be applied; reconciliation brings it"; "peer" => %from);
+            return;
+        }
+        self.waiting_batches += 1;
+        let (shards, applying) = (self.shards.clone(), self.applying.clone());
+        let fut = async move {
+            let _permit = applying.acquire_owned().await;
+            shards.apply_remote(batch.states).await
+        };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
+            act.waiting_batches -= 1;
+            act.gossip_applied(from, result);
+        }));
+    }
+
+    fn gossip_applied(&mut self, from: PeerId, result: Result<RemoteApplied, StoreError>) {
+        match result {
             Ok(done) => {
-                act.totals.changes_applied += done.applied as u64;
-                act.totals.conflicts_found += done.conflicts_opened as u64;
-                act.peers.entry(from).or_default().received += done.applied as u64;
+                self.totals.changes_applied += done.applied as u64;
+                self.totals.conflicts_found += done.conflicts_opened as u64;
+                self.peers.entry(from).or_default().received += done.applied as u64;
             }
             // The next reconciliation brings what was not applied.
             Err(e) => warn!("gossip batch not applied"; "peer" => %from, "error" => %e),
-        }));
+        }
     }
 
     /// Answers a sync request on a spawned future.
@@ -253,7 +283,15 @@ impl SyncActor {
             self.peers.entry(peer).or_default().received += states.len() as u64;
         }
         let (shards, served, max_served) = (self.shards.clone(), self.served.clone(), self.settings.max_served);
-        let fut = async move { answer(request, peer, &shards, &served, max_served).await };
+        let applying = self.applying.clone();
+        let fut = async move {
+            // Pushed states take a permit like gossip batches.
+            let _permit = match &request {
+                Request::Push { .. } => Some(applying.acquire_owned().await),
+                _ => None,
+            };
+            answer(request, peer, &shards, &served, max_served).await
+        };
         ctx.spawn(fut.into_actor(self).map(move |(response, sent), act, _| {
             act.peers.entry(peer).or_default().sent += sent as u64;
             act.respond(id, &response);

@@ -191,6 +191,7 @@ pub async fn open_transactions(dir: &Path) -> Option<i64> {
     config.host_path(dir.join("pg")).port(5432).user("postgres").dbname("postgres");
     let (db, conn) = config.connect(tokio_postgres::NoTls).await.ok()?;
     tokio::spawn(conn);
-    let sql = "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' AND application_name = 'cosmicsync'";
+    let sql =
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' AND application_name = 'cosmicsync'";
     db.query_one(sql, &[]).await.ok().map(|r| r.get(0))
 }
