@@ -416,6 +416,17 @@ pub async fn shard_db(dir: &Path, shard: usize) -> tokio_postgres::Client {
     client
 }
 
+/// An HTTPS client that trusts the node's certificate and reaches `name` at `addr`.
+pub fn client_trusting_at(cert: &Path, name: &str, addr: std::net::SocketAddr) -> reqwest::Client {
+    let pem = std::fs::read(cert).expect("read node certificate");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("certificate"))
+        .resolve(name, addr)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
 /// An HTTPS client that trusts the node's certificate.
 pub fn client_trusting(cert: &Path) -> reqwest::Client {
     let pem = std::fs::read(cert).expect("read node certificate");

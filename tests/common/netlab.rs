@@ -65,6 +65,8 @@ pub const LISTEN: &[&str] =
 const INET: &str = "natlab-inet";
 /// The LAN segment's switch namespace.
 const SWITCH: &str = "cslan-sw";
+/// The test's own interface on a reachable segment (see `Lab::segment_reachable`).
+const TEST_PORT: &str = "cslan-test";
 /// The LAN segment's prefix; host `i` (from 1) is `<LAN_NET>.<i>`.
 pub const LAN_NET: &str = "10.77.0";
 /// The linked host's addresses: the test's side, the host's side.
@@ -239,6 +241,19 @@ impl Lab {
             lab.plug(SWITCH, &format!("p{}", i + 1), host, "eth0", &format!("{LAN_NET}.{}/24", i + 1));
         }
         lab.segment = hosts;
+        Ok(lab)
+    }
+
+    /// A LAN segment of `n` hosts (as `segment`) that the test's own namespace is plugged
+    /// into too, at `<LAN_NET>.254` (switch port `p0`, in no partition group): the test
+    /// talks HTTPS to nodes on the segment while they are split from each other.
+    pub fn segment_reachable(n: usize) -> Result<Lab, Skip> {
+        let lab = Lab::segment(n)?;
+        // The test's end is a plain interface of this namespace; it goes with the switch.
+        must(&["ip", "link", "add", TEST_PORT, "type", "veth", "peer", "name", "p0", "netns", SWITCH]);
+        must(&["ip", "-n", SWITCH, "link", "set", "p0", "master", "br0", "up"]);
+        must(&["ip", "addr", "add", &format!("{LAN_NET}.254/24"), "dev", TEST_PORT]);
+        must(&["ip", "link", "set", TEST_PORT, "up"]);
         Ok(lab)
     }
 
@@ -424,6 +439,28 @@ impl Drop for Lab {
 pub async fn node_in(ns: &str, extra: &[&str]) -> Node {
     let args: Vec<&str> = LISTEN.iter().chain(extra).copied().collect();
     Node::start_wrapped_temp(&["ip", "netns", "exec", ns], &args).await
+}
+
+/// The HTTPS port of nodes started by `reachable_node_in` (each in its own namespace).
+pub const HTTP_PORT: u16 = 8443;
+
+/// Starts a node on host `index` of a reachable segment (`Lab::segment_reachable`) with
+/// `extra` arguments; the returned handle talks HTTPS to it across the segment (as
+/// `localhost`, the name its certificate holds, resolved to the host's address).
+pub async fn reachable_node_in(lab: &Lab, index: usize, extra: &[&str]) -> Node {
+    let http = format!("0.0.0.0:{HTTP_PORT}");
+    let args: Vec<&str> = ["--http-addr", http.as_str()].into_iter().chain(extra.iter().copied()).collect();
+    let mut node = node_in(&lab.hosts()[index], &args).await;
+    let addr: std::net::SocketAddr = format!("{LAN_NET}.{}:{HTTP_PORT}", index + 1).parse().expect("address");
+    let cert = std::path::PathBuf::from(node.info["tls_cert"].as_str().expect("tls_cert"));
+    node.client = super::client_trusting_at(&cert, "localhost", addr);
+    node.api = format!("https://localhost:{HTTP_PORT}");
+    node
+}
+
+/// The libp2p address other hosts of the segment dial host `index`'s node at.
+pub fn segment_bootstrap(index: usize, node: &Node) -> String {
+    format!("/ip4/{LAN_NET}.{}/tcp/4001/p2p/{}", index + 1, super::p2p::peer_id(node))
 }
 
 /// The network report over the control socket (it works across network namespaces).
