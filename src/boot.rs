@@ -208,7 +208,7 @@ async fn start(
         addrs.push(Supervisor::start(move |_| ShardActor::new(index, shard.pg, tls, pool, env)));
     }
     let shards = Shards::new(addrs, keys.clone());
-    let hub = hub_ctx.run(EventHub::new(sequencer.peek(), shards.clone()));
+    let hub = hub_ctx.run(EventHub::new(sequencer.clone(), shards.clone()));
 
     let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
     let auth_config = AuthConfig {
