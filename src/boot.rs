@@ -101,16 +101,28 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
             let pg = EmbeddedPostgres::start(&opts).context("cannot start the node's PostgreSQL")?;
             info!("PostgreSQL running"; "dir" => %pg.data_dir().display(), "reused" => pg.reused());
             let names: Vec<String> = (0..*shards).map(|i| format!("shard_{i}")).collect();
-            let urls = match pg.ensure_databases(&names) {
-                Ok(()) => names.iter().map(|n| pg.url(n)).collect(),
-                Err(e) => {
-                    let _ = pg.stop();
-                    return Err(e).context("cannot create the shard databases");
-                }
-            };
+            let created = pg
+                .databases()
+                .context("cannot list the shard databases")
+                .and_then(|found| {
+                    let found = crate::shard_count::count_from_databases(&found);
+                    Ok(crate::shard_count::check(&data_dir, *shards, found)?)
+                })
+                .and_then(|()| pg.ensure_databases(&names).context("cannot create the shard databases"))
+                // Only once the shards exist: a start that failed before leaves no count.
+                .and_then(|()| Ok(crate::shard_count::record(&data_dir, *shards)?));
+            if let Err(e) = created {
+                let _ = pg.stop();
+                return Err(e);
+            }
+            let urls = names.iter().map(|n| pg.url(n)).collect();
             (Some(pg), urls)
         }
-        Storage::Urls(urls) => (None, urls.clone()),
+        Storage::Urls(urls) => {
+            crate::shard_count::check(&data_dir, urls.len(), None)?;
+            crate::shard_count::record(&data_dir, urls.len())?;
+            (None, urls.clone())
+        }
     };
 
     let system = System::new();

@@ -24,6 +24,7 @@ pub mod problem;
 pub mod sealing;
 pub mod secrets;
 pub mod sequencer;
+pub mod shard_count;
 pub mod shard_tls;
 pub mod similarity;
 pub mod tls;

@@ -1,13 +1,14 @@
 //! Storage guarantees, checked in PostgreSQL itself: the change log records every write
 //! with its clock; cross-shard transactions left in doubt are settled; a crash never
-//! leaves a half-created user; a burst of logins does not stall other requests.
+//! leaves a half-created user; a burst of logins does not stall other requests; a data
+//! directory cannot be started with another shard count than its data was created with.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{Node, PASSWORD, shard_db, wait_for};
+use common::{FAST, Node, PASSWORD, shard_db, start_foreground, wait_for};
 use cosmicsync::sealing::{Sealed, email_context};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -239,4 +240,40 @@ async fn a_burst_of_logins_does_not_stall_other_requests() {
     }
     assert!(!burst.is_finished(), "the reads waited for the burst of logins");
     assert_eq!(burst.await.unwrap(), 24);
+}
+
+/// Rows are placed by the shard count, so the count a data directory was created with is
+/// kept: another `--shards` is refused with the count to use, also for a data directory
+/// from before the count was recorded, and with the right count every user is there.
+#[tokio::test]
+async fn a_data_directory_keeps_its_shard_count() {
+    let mut node = Node::start(&["--shards", "4"]).await;
+    let temp = node.take_temp().expect("temp dir");
+    let dir = temp.path();
+    let mut users = Vec::new();
+    for i in 0..8 {
+        users.push(node.user(&format!("user{i}")).await);
+    }
+    node.stop();
+    drop(node);
+    assert_eq!(std::fs::read_to_string(dir.join("shard_count")).expect("shard_count").trim(), "4");
+
+    let with_shards = |n: &'static str| -> Vec<&str> { FAST.iter().copied().chain(["--shards", n]).collect() };
+    let run = start_foreground(dir, &with_shards("2")).expect(1);
+    assert!(run.stderr.contains("created with 4 shards") && run.stderr.contains("--shards 4"), "{run:#?}");
+    assert!(!dir.join("node.json").exists(), "a refused node announced itself");
+    // A directory from before the count was kept: its databases tell.
+    std::fs::remove_file(dir.join("shard_count")).expect("remove shard_count");
+    let run = start_foreground(dir, &with_shards("8")).expect(1);
+    assert!(run.stderr.contains("created with 4 shards (counted from its shard databases)"), "{run:#?}");
+
+    let node = Node::start_in(dir, &["--shards", "4"]).await;
+    assert_eq!(std::fs::read_to_string(dir.join("shard_count")).expect("shard_count").trim(), "4");
+    for user in &users {
+        let res = node.req(Method::GET, &format!("/api/v1/users/{}", user.id), user).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{} is missing", user.username);
+        assert_eq!(node.login(&user.username, PASSWORD).await.status(), 200, "{} cannot log in", user.username);
+    }
+    drop(node);
+    drop(temp);
 }
