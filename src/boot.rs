@@ -3,9 +3,11 @@
 //! 1. resolve the config, start logging, lock the data directory by binding the CLI's
 //!    control socket (a second node on the same directory fails here);
 //! 2. start the node's own PostgreSQL (embedded mode) and create the shard databases;
-//! 3. inside the actix System: EventHub, one supervised ShardActor per shard, AuthActor,
-//!    RecommendActor, PeerActor, NodeSupervisor, the HTTPS server in its HttpActor,
-//!    KeyActor, ControlActor, signal handlers;
+//! 3. inside the actix System: first everything a start can fail on (shard URLs, secrets,
+//!    the TLS certificate, the HTTPS listener, the p2p listeners), then the actors:
+//!    EventHub, one supervised ShardActor per shard, AuthActor, RecommendActor,
+//!    PeerActor, NodeSupervisor, the HTTPS server in its HttpActor, KeyActor,
+//!    ControlActor, signal handlers;
 //! 4. once every shard is up (or a deadline passes), write `<data-dir>/node.json`;
 //! 5. after the System stops: stop PostgreSQL, remove node.json and the socket.
 //!
@@ -126,8 +128,16 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
     };
 
     let system = System::new();
-    let result =
-        system.block_on(start(&config, urls, control)).and_then(|_| system.run().context("actor system failed"));
+    let result = match system.block_on(start(&config, urls, control)) {
+        Ok(()) => system.run().context("actor system failed"),
+        Err(e) => {
+            // A failure after actors started (a key check, say): stop the System and let
+            // it run to that stop, so they stop inside the runtime rather than in its drop.
+            System::current().stop_with_code(1);
+            let _ = system.run();
+            Err(e)
+        }
+    };
 
     if let Some(pg) = pg {
         match pg.stop() {
@@ -198,15 +208,10 @@ async fn start(
     let (keyring, key_file_created) = load_keyring(&config.key_file)?;
     let keys = Arc::new(SharedKeyring::new(keyring));
 
-    // The hub and the shards need each other's addresses: make the hub's first.
-    let hub_ctx = Context::<EventHub>::new();
-    let env = Arc::new(ShardEnv {
-        node_id: node_id.clone(),
-        sequencer: sequencer.clone(),
-        hub: hub_ctx.address(),
-        keys: keys.clone(),
-    });
-    let mut addrs = Vec::with_capacity(urls.len());
+    // Everything a start can fail on is acquired before the first actor starts: an actor
+    // that never ran would be started by its drop after the runtime is gone, and panic
+    // (actix makes its timers in `started`). Shard URLs and their TLS first.
+    let mut shard_configs = Vec::with_capacity(urls.len());
     for (index, url) in urls.iter().enumerate() {
         let shard = crate::shard_tls::ShardUrl::parse(url, config.shard_ca_file.as_deref())
             .with_context(|| format!("shard {index}: bad PostgreSQL URL"))?;
@@ -216,13 +221,34 @@ async fn start(
                    could pose as it; give its CA (sslrootcert= or --shard-ca-file) to verify it";
                   "shard" => index, "endpoint" => &shard.endpoint);
         }
+        shard_configs.push((shard, tls));
+    }
+    let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
+    let tls_files = crate::tls::ensure_files(config.tls.clone(), &data_dir.join("tls"))?;
+    let tls = crate::tls::load(&tls_files)?;
+    let listener = TcpListener::bind(config.http_addr)
+        .with_context(|| format!("cannot listen on {} (is the port in use?)", config.http_addr))?;
+    let api_url = api_url(listener.local_addr()?);
+    let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
+    let peer = PeerActor::new(key, config.p2p.clone()).context("cannot start the peer-to-peer network")?;
+    let peer_id = peer.peer_id().to_string();
+
+    // The hub and the shards need each other's addresses: make the hub's first.
+    let hub_ctx = Context::<EventHub>::new();
+    let env = Arc::new(ShardEnv {
+        node_id: node_id.clone(),
+        sequencer: sequencer.clone(),
+        hub: hub_ctx.address(),
+        keys: keys.clone(),
+    });
+    let mut addrs = Vec::with_capacity(shard_configs.len());
+    for (index, (shard, tls)) in shard_configs.into_iter().enumerate() {
         let (env, pool) = (env.clone(), config.pool_size);
         addrs.push(Supervisor::start(move |_| ShardActor::new(index, shard.pg, tls, pool, env)));
     }
     let shards = Shards::new(addrs, keys.clone());
     let hub = hub_ctx.run(EventHub::new(sequencer.clone(), shards.clone()));
 
-    let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
     let auth_config = AuthConfig {
         ttl_secs: config.token_ttl_secs,
         cost: config.bcrypt_cost,
@@ -232,12 +258,6 @@ async fn start(
     let auth = AuthActor::new(&secret, auth_config, shards.clone()).context("cannot prepare password hashing")?;
     let tokens = auth.verifier();
     let auth = Supervisor::start(move |_| auth);
-
-    let tls_files = crate::tls::ensure_files(config.tls.clone(), &data_dir.join("tls"))?;
-    let tls = crate::tls::load(&tls_files)?;
-    let listener = TcpListener::bind(config.http_addr)
-        .with_context(|| format!("cannot listen on {} (is the port in use?)", config.http_addr))?;
-    let api_url = api_url(listener.local_addr()?);
 
     let storage = match config.storage {
         Storage::Embedded { .. } => "embedded",
@@ -253,9 +273,6 @@ async fn start(
         },
     };
     let recommender = RecommendActor::new(shards.clone(), recommend_settings).start();
-    let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
-    let peer = PeerActor::new(key, config.p2p.clone()).context("cannot start the peer-to-peer network")?;
-    let peer_id = peer.peer_id().to_string();
     let peer = Supervisor::start(move |_| peer);
     let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone(), recommender.clone(), peer.clone()).start();
     let state = AppState {

@@ -288,3 +288,47 @@ fn bad_arguments_are_clear_usage_errors() {
         assert!(run.stderr.contains(needle), "{args:?}: {run:#?}");
     }
 }
+
+/// A start that cannot listen fails with its own error and nothing else: no panic (the
+/// actors already started are stopped inside the runtime), exit status 1. Each port is
+/// taken in turn: HTTPS, p2p TCP held by a plain listener, p2p TCP held by a running
+/// node (whose listener allows port sharing, so only our check refuses it), QUIC.
+#[tokio::test]
+async fn a_start_on_a_taken_port_fails_with_its_error_alone() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+    let tcp_port = tcp.local_addr().expect("addr").port();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+    let udp_port = udp.local_addr().expect("addr").port();
+    let running = Node::start(&[]).await;
+    let node_tcp = running.info["p2p_addrs"]
+        .as_array()
+        .and_then(|a| a.iter().filter_map(Value::as_str).find(|a| a.contains("/tcp/")))
+        .expect("the running node's TCP address")
+        .to_owned();
+
+    let http = format!("127.0.0.1:{tcp_port}");
+    let p2p_tcp = format!("/ip4/127.0.0.1/tcp/{tcp_port}");
+    let quic = format!("/ip4/127.0.0.1/udp/{udp_port}/quic-v1");
+    let free_tcp = "/ip4/127.0.0.1/tcp/0";
+    let free_quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let temp = tempfile::tempdir().expect("temp dir");
+    for (http, tcp, quic, needle) in [
+        (http.as_str(), free_tcp, free_quic, format!("cannot listen on {http}")),
+        ("127.0.0.1:0", p2p_tcp.as_str(), free_quic, format!("cannot listen on {p2p_tcp}")),
+        ("127.0.0.1:0", node_tcp.as_str(), free_quic, format!("cannot listen on {node_tcp}")),
+        ("127.0.0.1:0", free_tcp, quic.as_str(), format!("cannot listen on {quic}")),
+    ] {
+        let args = ["--http-addr", http, "--p2p-listen", tcp, "--p2p-listen", quic];
+        let run = common::start_foreground(temp.path(), &args).expect(1);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        assert!(!output.contains("panicked"), "a panic on the way out: {run:#?}");
+        // The error is the last thing printed, and it names the address.
+        let last = run.stderr.trim_end().lines().last().unwrap_or_default();
+        assert!(last.starts_with("error:") && last.contains(&needle), "{needle:?} should end the output: {run:#?}");
+        assert!(!temp.path().join("node.json").exists(), "a node that failed announced itself");
+    }
+    // The running node was not disturbed.
+    let res = running.client.get(running.url("/healthz")).send().await.expect("healthz");
+    assert!(res.status().is_success());
+    drop((tcp, udp));
+}
