@@ -332,3 +332,43 @@ async fn a_start_on_a_taken_port_fails_with_its_error_alone() {
     assert!(res.status().is_success());
     drop((tcp, udp));
 }
+
+/// A fresh node, and the same node restarted, log only what is true and worth saying:
+/// no PostgreSQL NOTICEs (migrations create nothing that exists), and a node without
+/// bootstrap peers says so once at info instead of warning on every DHT refresh (here
+/// every second, and the node is watched for three).
+#[tokio::test]
+async fn a_fresh_start_logs_no_notices_and_no_bootstrap_warnings() {
+    let quiet = |log: &str| {
+        for noise in ["NOTICE", "already exists, skipping", "Failed to trigger bootstrap", "No known peers"] {
+            assert!(!log.contains(noise), "{noise:?} in the log:\n{log}");
+        }
+        let said: Vec<&str> = log.lines().filter(|l| l.contains("no bootstrap peers")).collect();
+        assert!(said.len() == 1 && said[0].contains("INFO"), "said once, at info: {said:?}\n{log}");
+    };
+    let mut node = Node::start(&["--kad-refresh", "1"]).await;
+    let temp = node.take_temp().expect("temp dir");
+    let dir = temp.path().to_owned();
+    let up_for = |secs: u64| {
+        let dir = dir.clone();
+        move || {
+            let report = cli(&dir, &["status", "--json"]).expect(0).json();
+            let shards = report["shards"].as_array().cloned().unwrap_or_default();
+            let up = !shards.is_empty() && shards.iter().all(|s| s["since_secs"].as_u64() >= Some(secs));
+            async move { up.then_some(()) }
+        }
+    };
+    common::wait_for("three DHT refresh periods", Duration::from_secs(60), up_for(3)).await;
+    node.stop();
+    let first = std::fs::read_to_string(dir.join("test-node.log")).expect("log");
+    assert!(first.contains("node stopped"), "{first}");
+    quiet(&first);
+
+    // The restart finds every table there: still no NOTICE.
+    std::fs::remove_file(dir.join("test-node.log")).expect("remove the log");
+    let node = Node::start_in(&dir, &["--kad-refresh", "1"]).await;
+    common::wait_for("three DHT refresh periods", Duration::from_secs(60), up_for(3)).await;
+    drop(node);
+    quiet(&std::fs::read_to_string(dir.join("test-node.log")).expect("log"));
+    drop(temp);
+}

@@ -141,6 +141,9 @@ impl PeerActor {
     pub fn new(key: Keypair, config: P2pConfig) -> Result<Self, PeerError> {
         refuse_taken_tcp_ports(&config.listen)?;
         let first = start_swarm(&key, &config, &config.listen)?;
+        if config.bootstrap.is_empty() {
+            info!("no bootstrap peers: this node joins a network when others dial it (or, with --mdns, finds them)");
+        }
         Ok(Self {
             key,
             bound: Arc::new(Mutex::new(config.listen.clone())),
