@@ -637,6 +637,12 @@ struct PidFile {
     socket_dir: Option<PathBuf>,
 }
 
+/// The pid of the server running on the cluster in `dir`, from its `postmaster.pid`
+/// (none when the file is missing or not written yet).
+pub fn postmaster_pid(dir: &Path) -> Option<u32> {
+    read_postmaster_pid(dir).ok().flatten()?.pid.and_then(|pid| u32::try_from(pid).ok())
+}
+
 fn read_postmaster_pid(dir: &Path) -> Result<Option<PidFile>, PgError> {
     let path = dir.join("postmaster.pid");
     let text = match fs::read_to_string(&path) {

@@ -154,10 +154,18 @@ async fn detached_node_lifecycle_and_queries() {
     let run = cli(dir, &["projects", "list", "--limit", "100000"]).expect(1);
     assert!(run.stderr.contains("limit"), "{run:#?}");
 
-    // stop: the node exits, and cleans up after itself.
+    // stop: the node exits, and cleans up after itself. It returns only once the node
+    // and its PostgreSQL are gone from the process table, not merely exiting: the
+    // detached node's parent is init, which reaps it.
+    let postgres: u32 = std::fs::read_to_string(dir.join("pg/postmaster.pid"))
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse().ok())
+        .expect("the node's PostgreSQL pid");
     let run = cli(dir, &["stop"]).expect(0);
     assert!(run.stdout.contains(&format!("stopped (pid {})", node.pid)), "{run:#?}");
-    assert!(!pid_alive(node.pid), "pid {} still runs after `stop`", node.pid);
+    for (what, pid) in [("the node", node.pid), ("its PostgreSQL", postgres)] {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{what} (pid {pid}) is still there after `stop`");
+    }
     assert!(!dir.join("node.json").exists(), "node.json left behind");
     assert!(!dir.join("control.sock").exists(), "control socket left behind");
     let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
