@@ -182,7 +182,31 @@ pub struct AuthActor {
 
 async fn bcrypt_work<T: Send + 'static>(keys: &Keys, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
     let _permit = keys.gate.acquire().await.map_err(|_| ApiError::Internal("password gate closed".into()))?;
+    let work = move || {
+        hold_for_test();
+        work()
+    };
     tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::Internal(format!("password task failed: {e}")))
+}
+
+/// Test builds only (`--features failpoints`): `FAILPOINTS=password-work=return(<file>)`
+/// holds every bcrypt job, on the thread that runs it, while `<file>` does not exist (a
+/// minute at most), so a test can keep the hashing pool busy for exactly as long as it
+/// needs. Compiles to nothing otherwise.
+fn hold_for_test() {
+    fail::fail_point!("password-work", |release: Option<String>| {
+        let Some(release) = release else { return };
+        let release = std::path::Path::new(&release);
+        if release.exists() {
+            return;
+        }
+        info!("fail point password-work: holding a bcrypt job"; "until" => %release.display());
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !release.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        info!("fail point password-work: released");
+    });
 }
 
 impl AuthActor {

@@ -10,6 +10,9 @@
 //! for. A subscriber resuming from `since = L` gets `(L, W]` from the change log (read by
 //! a spawned task through `Shards`, which may wait on the session) while the hub buffers
 //! its live events; the task then drains that buffer until the hub switches it to live.
+//! Every resume ends its history with `ReplayComplete`, also when there is none to send
+//! (`L >= W`); a resume from a number the node has never issued (`L` beyond the
+//! sequencer) is refused, since nothing it could send would be what the client lacks.
 //!
 //! The hub must never block or await a session, never run SQL (history comes through
 //! `Shards`), and never format wire messages: JSON belongs to `api::ws`.
@@ -30,6 +33,7 @@ use uuid::Uuid;
 use crate::actors::shards::Shards;
 use crate::model::{ChangeEvent, Entity};
 use crate::problem::StoreError;
+use crate::sequencer::Sequencer;
 
 /// How many change-log rows a replay reads per request.
 const REPLAY_PAGE: i64 = 500;
@@ -316,7 +320,7 @@ pub enum Ended {
 /// Subscribes a session. Changes go to `tx` (its capacity is how far the subscriber may
 /// fall behind); `ended` fires if the hub drops the subscriber.
 #[derive(Debug, Message)]
-#[rtype(result = "Subscribed")]
+#[rtype(result = "Result<Subscribed, SubscribeError>")]
 pub struct Subscribe {
     pub filter: Filter,
     /// Resume after this sequence number: every matching change with a greater `seq` is
@@ -334,8 +338,22 @@ pub struct Subscribed {
     pub id: SubscriptionId,
     /// The watermark `W` at subscription: live changes have a greater `seq`.
     pub seq: i64,
-    /// True when history `(since, W]` is being replayed (a `ReplayComplete` will follow).
+    /// True when history `(since, W]` is being replayed. Every subscription with a
+    /// `since` gets a `ReplayComplete` after its history, empty or not.
     pub replaying: bool,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// `since` names a number this node has not handed out: the client's position comes
+    /// from another node, or from before this node's data was reset.
+    #[error(
+        "since={since} is ahead of this node: it has issued sequence numbers up to {issued} only \
+         (a position from another node, or from data that was reset?); subscribe without since \
+         and reload what you hold"
+    )]
+    SinceAhead { since: i64, issued: i64 },
 }
 
 /// Ends a subscription (the session is closing). Unknown ids are ignored.
@@ -400,6 +418,8 @@ enum Removal {
 /// The hub.
 pub struct EventHub {
     order: Reorder,
+    /// What has been handed out, so a resume from beyond it can be refused.
+    sequencer: Arc<Sequencer>,
     shards: Shards,
     subscribers: HashMap<SubscriptionId, Subscriber>,
     next_id: u64,
@@ -409,10 +429,12 @@ pub struct EventHub {
 }
 
 impl EventHub {
-    /// A hub waiting for `first_seq` (the sequencer's next number at boot).
-    pub fn new(first_seq: i64, shards: Shards) -> Self {
+    /// A hub waiting for the sequencer's next number.
+    pub fn new(sequencer: Arc<Sequencer>, shards: Shards) -> Self {
+        let first_seq = sequencer.peek();
         Self {
             order: Reorder::new(first_seq),
+            sequencer,
             shards,
             subscribers: HashMap::new(),
             next_id: 1,
@@ -498,11 +520,17 @@ impl Handler<Report> for EventHub {
 }
 
 impl Handler<Subscribe> for EventHub {
-    type Result = MessageResult<Subscribe>;
+    type Result = Result<Subscribed, SubscribeError>;
     fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
+        let watermark = self.order.watermark();
+        // Numbers in (W, issued] are in flight: a client cannot have seen them from this
+        // node, but they exist, and live delivery starts after `since` as asked.
+        let issued = self.sequencer.peek() - 1;
+        if let Some(since) = msg.since.filter(|since| *since > issued.max(watermark)) {
+            return Err(SubscribeError::SinceAhead { since, issued });
+        }
         let id = SubscriptionId(self.next_id);
         self.next_id += 1;
-        let watermark = self.order.watermark();
         let after = msg.since.unwrap_or(watermark);
         let replaying = after < watermark;
         let phase = if replaying {
@@ -511,6 +539,12 @@ impl Handler<Subscribe> for EventHub {
             actix::spawn(task);
             Phase::CatchingUp(VecDeque::new())
         } else {
+            if msg.since.is_some() {
+                // Nothing to replay, but the client still learns that history is done.
+                // The channel is new and empty (capacity at least 1), so this cannot fail
+                // for space; a closed one means the session is gone already.
+                let _ = msg.tx.try_send(HubMessage::ReplayComplete { seq: watermark });
+            }
             Phase::Live
         };
         let Subscribe { filter, since, tx, ended, caller } = msg;
@@ -518,7 +552,7 @@ impl Handler<Subscribe> for EventHub {
               "topics" => filter.topics().join(","), "since" => since, "seq" => watermark);
         let sub = Subscriber { filter, after, tx, ended, caller, phase };
         self.subscribers.insert(id, sub);
-        MessageResult(Subscribed { id, seq: watermark, replaying })
+        Ok(Subscribed { id, seq: watermark, replaying })
     }
 }
 
@@ -819,8 +853,33 @@ mod tests {
 
     // --- the actor ------------------------------------------------------------------------
 
+    /// A hub and the sequencer it checks resumes against (numbers from 1).
+    struct TestHub {
+        addr: Addr<EventHub>,
+        sequencer: Arc<Sequencer>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl std::ops::Deref for TestHub {
+        type Target = Addr<EventHub>;
+        fn deref(&self) -> &Addr<EventHub> {
+            &self.addr
+        }
+    }
+
+    impl TestHub {
+        /// Hands out `n` numbers, as shards do before they report them.
+        fn issue(&self, n: usize) {
+            for _ in 0..n {
+                self.sequencer.allocate().unwrap();
+            }
+        }
+    }
+
     /// A hub with no shards (replays read nothing) or with one shard that is down.
-    fn hub(first: i64, shard_down: bool) -> Addr<EventHub> {
+    fn hub(shard_down: bool) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let sequencer = Arc::new(Sequencer::open(&dir.path().join("seq")).unwrap());
         let keys = std::sync::Arc::new(crate::sealing::SharedKeyring::new(crate::sealing::Keyring::generate()));
         let shards = if shard_down {
             // An address whose actor never runs: every request fails as unavailable.
@@ -829,7 +888,7 @@ mod tests {
         } else {
             Shards::new(Vec::new(), keys)
         };
-        EventHub::new(first, shards).start()
+        TestHub { addr: EventHub::new(sequencer.clone(), shards).start(), sequencer, _dir: dir }
     }
 
     struct Sub {
@@ -838,12 +897,28 @@ mod tests {
         reply: Subscribed,
     }
 
-    async fn subscribe(hub: &Addr<EventHub>, topics: &[&str], since: Option<i64>, capacity: usize) -> Sub {
+    async fn try_subscribe(
+        hub: &Addr<EventHub>,
+        topics: &[&str],
+        since: Option<i64>,
+        capacity: usize,
+    ) -> Result<Sub, SubscribeError> {
         let (tx, rx) = mpsc::channel(capacity);
         let (ended_tx, ended) = oneshot::channel();
         let filter = Filter::parse(topics).unwrap();
-        let reply = hub.send(Subscribe { filter, since, tx, ended: ended_tx, caller: Uuid::nil() }).await.unwrap();
-        Sub { rx, ended, reply }
+        let reply = hub.send(Subscribe { filter, since, tx, ended: ended_tx, caller: Uuid::nil() }).await.unwrap()?;
+        Ok(Sub { rx, ended, reply })
+    }
+
+    async fn subscribe(hub: &Addr<EventHub>, topics: &[&str], since: Option<i64>, capacity: usize) -> Sub {
+        try_subscribe(hub, topics, since, capacity).await.expect("subscription accepted")
+    }
+
+    fn expect_replay_complete(m: Option<HubMessage>) -> i64 {
+        match m {
+            Some(HubMessage::ReplayComplete { seq }) => seq,
+            other => panic!("expected replay_complete, got {other:?}"),
+        }
     }
 
     /// Waits (with a deadline) for the next message.
@@ -860,7 +935,7 @@ mod tests {
 
     #[actix_web::test]
     async fn live_subscribers_get_matching_changes_in_order() {
-        let hub = hub(1, false);
+        let hub = hub(false);
         let mut projects = subscribe(&hub, &["projects"], None, 16).await;
         let mut users = subscribe(&hub, &["users"], None, 16).await;
         assert_eq!(projects.reply.seq, 0);
@@ -883,7 +958,7 @@ mod tests {
 
     #[actix_web::test]
     async fn a_full_channel_drops_the_subscriber_and_says_why() {
-        let hub = hub(1, false);
+        let hub = hub(false);
         let mut slow = subscribe(&hub, &["all"], None, 2).await;
         for seq in 1..=5 {
             hub.do_send(C(event(seq)));
@@ -899,7 +974,7 @@ mod tests {
 
     #[actix_web::test]
     async fn a_closed_session_is_forgotten() {
-        let hub = hub(1, false);
+        let hub = hub(false);
         let sub = subscribe(&hub, &["all"], None, 4).await;
         drop(sub);
         hub.do_send(C(event(1)));
@@ -908,20 +983,55 @@ mod tests {
 
     #[actix_web::test]
     async fn resuming_ahead_of_the_watermark_skips_what_the_client_has() {
-        let hub = hub(1, false);
+        let hub = hub(false);
+        // 1..=3 are handed out but not reported yet: the watermark is still 0.
+        hub.issue(3);
         let mut sub = subscribe(&hub, &["all"], Some(2), 4).await;
         assert!(!sub.reply.replaying);
         for seq in 1..=3 {
             hub.do_send(C(event(seq)));
         }
+        assert_eq!(expect_replay_complete(next(&mut sub).await), 0);
         assert_eq!(seq_of(next(&mut sub).await), 3);
+    }
+
+    #[actix_web::test]
+    async fn resuming_at_the_watermark_still_completes_the_replay() {
+        let hub = hub(false);
+        hub.issue(3);
+        for seq in 1..=3 {
+            hub.do_send(C(event(seq)));
+        }
+        let mut sub = subscribe(&hub, &["all"], Some(3), 4).await;
+        assert_eq!((sub.reply.seq, sub.reply.replaying), (3, false));
+        hub.issue(1);
+        hub.do_send(C(event(4)));
+        assert_eq!(expect_replay_complete(next(&mut sub).await), 3);
+        assert_eq!(seq_of(next(&mut sub).await), 4);
+        // Without `since` there is no history, so no replay_complete either.
+        let mut live = subscribe(&hub, &["all"], None, 4).await;
+        hub.issue(1);
+        hub.do_send(C(event(5)));
+        assert_eq!(seq_of(next(&mut live).await), 5);
+    }
+
+    #[actix_web::test]
+    async fn resuming_from_beyond_what_was_issued_is_refused() {
+        let hub = hub(false);
+        hub.issue(3);
+        hub.do_send(V(1..3));
+        let refused = try_subscribe(&hub, &["all"], Some(4), 4).await.err();
+        assert_eq!(refused, Some(SubscribeError::SinceAhead { since: 4, issued: 3 }));
+        assert_eq!(hub.send(HubStats).await.unwrap().sessions, 0);
+        // Up to what was issued is fine.
+        subscribe(&hub, &["all"], Some(3), 4).await;
     }
 
     #[actix_web::test]
     async fn resuming_replays_history_then_goes_live() {
         // No shard holds anything, so the replay is empty, but the protocol is the same:
         // `ReplayComplete` at the watermark, then live changes buffered meanwhile.
-        let hub = hub(1, false);
+        let hub = hub(false);
         for seq in 1..=3 {
             hub.do_send(C(event(seq)));
         }
@@ -939,7 +1049,7 @@ mod tests {
 
     #[actix_web::test]
     async fn a_failed_replay_ends_the_subscription_with_a_reason() {
-        let hub = hub(1, true);
+        let hub = hub(true);
         hub.do_send(V(1..10));
         let mut sub = subscribe(&hub, &["all"], Some(0), 8).await;
         assert!(sub.reply.replaying);

@@ -3,9 +3,11 @@
 //! 1. resolve the config, start logging, lock the data directory by binding the CLI's
 //!    control socket (a second node on the same directory fails here);
 //! 2. start the node's own PostgreSQL (embedded mode) and create the shard databases;
-//! 3. inside the actix System: EventHub, one supervised ShardActor per shard, AuthActor,
-//!    RecommendActor, PeerActor, NodeSupervisor, the HTTPS server in its HttpActor,
-//!    KeyActor, ControlActor, signal handlers;
+//! 3. inside the actix System: first everything a start can fail on (shard URLs, secrets,
+//!    the TLS certificate, the HTTPS listener, the p2p listeners), then the actors:
+//!    EventHub, one supervised ShardActor per shard, AuthActor, RecommendActor,
+//!    PeerActor, NodeSupervisor, the HTTPS server in its HttpActor, KeyActor,
+//!    ControlActor, signal handlers;
 //! 4. once every shard is up (or a deadline passes), write `<data-dir>/node.json`;
 //! 5. after the System stops: stop PostgreSQL, remove node.json and the socket.
 //!
@@ -102,21 +104,41 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
             let pg = EmbeddedPostgres::start(&opts).context("cannot start the node's PostgreSQL")?;
             info!("PostgreSQL running"; "dir" => %pg.data_dir().display(), "reused" => pg.reused());
             let names: Vec<String> = (0..*shards).map(|i| format!("shard_{i}")).collect();
-            let urls = match pg.ensure_databases(&names) {
-                Ok(()) => names.iter().map(|n| pg.url(n)).collect(),
-                Err(e) => {
-                    let _ = pg.stop();
-                    return Err(e).context("cannot create the shard databases");
-                }
-            };
+            let created = pg
+                .databases()
+                .context("cannot list the shard databases")
+                .and_then(|found| {
+                    let found = crate::shard_count::count_from_databases(&found);
+                    Ok(crate::shard_count::check(&data_dir, *shards, found)?)
+                })
+                .and_then(|()| pg.ensure_databases(&names).context("cannot create the shard databases"))
+                // Only once the shards exist: a start that failed before leaves no count.
+                .and_then(|()| Ok(crate::shard_count::record(&data_dir, *shards)?));
+            if let Err(e) = created {
+                let _ = pg.stop();
+                return Err(e);
+            }
+            let urls = names.iter().map(|n| pg.url(n)).collect();
             (Some(pg), urls)
         }
-        Storage::Urls(urls) => (None, urls.clone()),
+        Storage::Urls(urls) => {
+            crate::shard_count::check(&data_dir, urls.len(), None)?;
+            crate::shard_count::record(&data_dir, urls.len())?;
+            (None, urls.clone())
+        }
     };
 
     let system = System::new();
-    let result =
-        system.block_on(start(&config, urls, control)).and_then(|_| system.run().context("actor system failed"));
+    let result = match system.block_on(start(&config, urls, control)) {
+        Ok(()) => system.run().context("actor system failed"),
+        Err(e) => {
+            // A failure after actors started (a key check, say): stop the System and let
+            // it run to that stop, so they stop inside the runtime rather than in its drop.
+            System::current().stop_with_code(1);
+            let _ = system.run();
+            Err(e)
+        }
+    };
 
     if let Some(pg) = pg {
         match pg.stop() {
@@ -194,19 +216,10 @@ async fn start(
                (--network-key-file)"; "path" => %config.network_key_file.display());
     }
 
-    // The hub, the sync actor and the shards need each other's addresses: make the
-    // mailboxes first.
-    let hub_ctx = Context::<EventHub>::new();
-    let sync_ctx = Context::<SyncActor>::new();
-    let env = Arc::new(ShardEnv {
-        node_id: node_id.clone(),
-        sequencer: sequencer.clone(),
-        hub: hub_ctx.address(),
-        keys: keys.clone(),
-        hlc: Arc::new(crate::replication::hlc(&node_id)),
-        outbox: sync_ctx.address().recipient(),
-    });
-    let mut addrs = Vec::with_capacity(urls.len());
+    // Everything a start can fail on is acquired before the first actor starts: an actor
+    // that never ran would be started by its drop after the runtime is gone, and panic
+    // (actix makes its timers in `started`). Shard URLs and their TLS first.
+    let mut shard_configs = Vec::with_capacity(urls.len());
     for (index, url) in urls.iter().enumerate() {
         let shard = crate::shard_tls::ShardUrl::parse(url, config.shard_ca_file.as_deref())
             .with_context(|| format!("shard {index}: bad PostgreSQL URL"))?;
@@ -216,13 +229,41 @@ async fn start(
                    could pose as it; give its CA (sslrootcert= or --shard-ca-file) to verify it";
                   "shard" => index, "endpoint" => &shard.endpoint);
         }
+        shard_configs.push((shard, tls));
+    }
+    let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
+    let tls_files = crate::tls::ensure_files(config.tls.clone(), &data_dir.join("tls"))?;
+    let tls = crate::tls::load(&tls_files)?;
+    let listener = TcpListener::bind(config.http_addr)
+        .with_context(|| format!("cannot listen on {} (is the port in use?)", config.http_addr))?;
+    let api_url = api_url(listener.local_addr()?);
+
+    // The hub, the sync actor, the network and the shards need each other's addresses:
+    // make the mailboxes first (a mailbox is no actor: nothing starts until `run`).
+    let hub_ctx = Context::<EventHub>::new();
+    let sync_ctx = Context::<SyncActor>::new();
+    let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
+    let replication =
+        crate::actors::peer::Replication { keys: network_keys.clone(), sync: sync_ctx.address().recipient() };
+    let peer = PeerActor::new(key, config.p2p.clone(), replication).context("cannot start the peer-to-peer network")?;
+    let peer_id = peer.peer_id().to_string();
+
+    let env = Arc::new(ShardEnv {
+        node_id: node_id.clone(),
+        sequencer: sequencer.clone(),
+        hub: hub_ctx.address(),
+        keys: keys.clone(),
+        hlc: Arc::new(crate::replication::hlc(&node_id)),
+        outbox: sync_ctx.address().recipient(),
+    });
+    let mut addrs = Vec::with_capacity(shard_configs.len());
+    for (index, (shard, tls)) in shard_configs.into_iter().enumerate() {
         let (env, pool, timeout) = (env.clone(), config.pool_size, config.shard_timeout);
         addrs.push(Supervisor::start(move |_| ShardActor::new(index, shard.pg, tls, pool, timeout, env)));
     }
     let shards = Shards::new(addrs, keys.clone());
-    let hub = hub_ctx.run(EventHub::new(sequencer.peek(), shards.clone()));
+    let hub = hub_ctx.run(EventHub::new(sequencer.clone(), shards.clone()));
 
-    let secret = crate::secrets::load_or_create(&data_dir.join("jwt.key"), 64).context("cannot load the JWT key")?;
     let auth_config = AuthConfig {
         ttl_secs: config.token_ttl_secs,
         cost: config.bcrypt_cost,
@@ -232,12 +273,6 @@ async fn start(
     let auth = AuthActor::new(&secret, auth_config, shards.clone()).context("cannot prepare password hashing")?;
     let tokens = auth.verifier();
     let auth = Supervisor::start(move |_| auth);
-
-    let tls_files = crate::tls::ensure_files(config.tls.clone(), &data_dir.join("tls"))?;
-    let tls = crate::tls::load(&tls_files)?;
-    let listener = TcpListener::bind(config.http_addr)
-        .with_context(|| format!("cannot listen on {} (is the port in use?)", config.http_addr))?;
-    let api_url = api_url(listener.local_addr()?);
 
     let storage = match config.storage {
         Storage::Embedded { .. } => "embedded",
@@ -253,11 +288,6 @@ async fn start(
         },
     };
     let recommender = RecommendActor::new(shards.clone(), recommend_settings).start();
-    let key = crate::actors::peer::load_key(&data_dir.join("p2p.key"))?;
-    let replication =
-        crate::actors::peer::Replication { keys: network_keys.clone(), sync: sync_ctx.address().recipient() };
-    let peer = PeerActor::new(key, config.p2p.clone(), replication).context("cannot start the peer-to-peer network")?;
-    let peer_id = peer.peer_id().to_string();
     let peer = Supervisor::start(move |_| peer);
     let sync_settings = SyncSettings {
         interval: config.sync_interval.unwrap_or(Duration::from_secs(86_400 * 365)),

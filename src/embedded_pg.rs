@@ -363,6 +363,36 @@ impl EmbeddedPostgres {
         }
     }
 
+    /// The names of the databases the cluster holds (templates left out).
+    pub fn databases(&self) -> Result<Vec<String>, PgError> {
+        let mut cmd = self.tool("psql");
+        cmd.args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-d",
+            "postgres",
+            "-c",
+            "SELECT datname FROM pg_database WHERE NOT datistemplate",
+        ]);
+        self.add_conn_args(&mut cmd);
+        let out = run(cmd, "psql")?;
+        if !out.status.success() {
+            return Err(PgError::CommandFailed {
+                program: "psql (list databases)".into(),
+                status: out.status.to_string(),
+                output: combined_output(&out),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(Into::into)
+            .collect())
+    }
+
     /// Stops the server (`pg_ctl stop -m fast -w`). Idempotent.
     pub fn stop(&self) -> Result<(), PgError> {
         if !self.is_running()? {
@@ -605,6 +635,12 @@ struct PidFile {
     pid: Option<libc::pid_t>,
     port: Option<u16>,
     socket_dir: Option<PathBuf>,
+}
+
+/// The pid of the server running on the cluster in `dir`, from its `postmaster.pid`
+/// (none when the file is missing or not written yet).
+pub fn postmaster_pid(dir: &Path) -> Option<u32> {
+    read_postmaster_pid(dir).ok().flatten()?.pid.and_then(|pid| u32::try_from(pid).ok())
 }
 
 fn read_postmaster_pid(dir: &Path) -> Result<Option<PidFile>, PgError> {

@@ -25,6 +25,7 @@ pub mod replication;
 pub mod sealing;
 pub mod secrets;
 pub mod sequencer;
+pub mod shard_count;
 pub mod shard_tls;
 pub mod similarity;
 pub mod tls;

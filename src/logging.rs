@@ -4,8 +4,11 @@
 //! Set up once in `main` before the actix System starts, so the global guard outlives
 //! the runtime. Nothing here may log a secret: callers log ids and usernames, never
 //! passwords, tokens, hashes or keys.
+//!
+//! Library messages known to be noise at their level are demoted to debug here (see
+//! `NOISE`), so an ordinary start logs only what is true and worth an operator's look.
 
-use slog::{Drain, Level, Logger, o};
+use slog::{Drain, Level, Logger, OwnedKVList, Record, o};
 
 use crate::config::LogFormat;
 
@@ -19,6 +22,34 @@ pub fn parse_level(name: &str) -> Option<Level> {
         "debug" => Some(Level::Debug),
         "trace" => Some(Level::Trace),
         _ => None,
+    }
+}
+
+/// Library messages demoted to debug: (target, start of the message, why).
+const NOISE: &[(&str, &str)] = &[
+    // Kademlia bootstraps when a listen address appears and every few minutes; a node
+    // with no bootstrap peers (the first of a network) has nobody to ask, and kad warns
+    // each time. The node says once at info that it has no bootstrap peers instead.
+    ("libp2p_kad::behaviour", "Failed to trigger bootstrap: No known peers"),
+];
+
+/// Passes records on, with the `NOISE` messages at debug level.
+struct DemoteNoise<D>(D);
+
+impl<D: Drain> Drain for DemoteNoise<D> {
+    type Ok = D::Ok;
+    type Err = D::Err;
+
+    fn log(&self, record: &Record<'_>, values: &OwnedKVList) -> Result<D::Ok, D::Err> {
+        let noise = record.level().is_at_least(Level::Info)
+            && NOISE
+                .iter()
+                .any(|(target, start)| record.tag() == *target && record.msg().to_string().starts_with(start));
+        if !noise {
+            return self.0.log(record, values);
+        }
+        let demoted = slog::RecordStatic { location: record.location(), level: Level::Debug, tag: record.tag() };
+        self.0.log(&Record::new(&demoted, record.msg(), record.kv()), values)
     }
 }
 
@@ -38,7 +69,7 @@ pub fn init(format: LogFormat, level: Level) -> LogGuard {
             Box::new(slog_json::Json::new(std::io::stderr()).add_default_keys().set_newlines(true).build().fuse())
         }
     };
-    let drain = slog_async::Async::new(drain.filter_level(level).fuse())
+    let drain = slog_async::Async::new(DemoteNoise(drain.filter_level(level).fuse()))
         .chan_size(4096)
         .overflow_strategy(slog_async::OverflowStrategy::DropAndReport)
         .build()

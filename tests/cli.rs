@@ -154,10 +154,18 @@ async fn detached_node_lifecycle_and_queries() {
     let run = cli(dir, &["projects", "list", "--limit", "100000"]).expect(1);
     assert!(run.stderr.contains("limit"), "{run:#?}");
 
-    // stop: the node exits, and cleans up after itself.
+    // stop: the node exits, and cleans up after itself. It returns only once the node
+    // and its PostgreSQL are gone from the process table, not merely exiting: the
+    // detached node's parent is init, which reaps it.
+    let postgres: u32 = std::fs::read_to_string(dir.join("pg/postmaster.pid"))
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse().ok())
+        .expect("the node's PostgreSQL pid");
     let run = cli(dir, &["stop"]).expect(0);
     assert!(run.stdout.contains(&format!("stopped (pid {})", node.pid)), "{run:#?}");
-    assert!(!pid_alive(node.pid), "pid {} still runs after `stop`", node.pid);
+    for (what, pid) in [("the node", node.pid), ("its PostgreSQL", postgres)] {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{what} (pid {pid}) is still there after `stop`");
+    }
     assert!(!dir.join("node.json").exists(), "node.json left behind");
     assert!(!dir.join("control.sock").exists(), "control socket left behind");
     let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
@@ -287,4 +295,88 @@ fn bad_arguments_are_clear_usage_errors() {
         let run = cli(temp.path(), args).expect(2);
         assert!(run.stderr.contains(needle), "{args:?}: {run:#?}");
     }
+}
+
+/// A start that cannot listen fails with its own error and nothing else: no panic (the
+/// actors already started are stopped inside the runtime), exit status 1. Each port is
+/// taken in turn: HTTPS, p2p TCP held by a plain listener, p2p TCP held by a running
+/// node (whose listener allows port sharing, so only our check refuses it), QUIC.
+#[tokio::test]
+async fn a_start_on_a_taken_port_fails_with_its_error_alone() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+    let tcp_port = tcp.local_addr().expect("addr").port();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+    let udp_port = udp.local_addr().expect("addr").port();
+    let running = Node::start(&[]).await;
+    let node_tcp = running.info["p2p_addrs"]
+        .as_array()
+        .and_then(|a| a.iter().filter_map(Value::as_str).find(|a| a.contains("/tcp/")))
+        .expect("the running node's TCP address")
+        .to_owned();
+
+    let http = format!("127.0.0.1:{tcp_port}");
+    let p2p_tcp = format!("/ip4/127.0.0.1/tcp/{tcp_port}");
+    let quic = format!("/ip4/127.0.0.1/udp/{udp_port}/quic-v1");
+    let free_tcp = "/ip4/127.0.0.1/tcp/0";
+    let free_quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let temp = tempfile::tempdir().expect("temp dir");
+    for (http, tcp, quic, needle) in [
+        (http.as_str(), free_tcp, free_quic, format!("cannot listen on {http}")),
+        ("127.0.0.1:0", p2p_tcp.as_str(), free_quic, format!("cannot listen on {p2p_tcp}")),
+        ("127.0.0.1:0", node_tcp.as_str(), free_quic, format!("cannot listen on {node_tcp}")),
+        ("127.0.0.1:0", free_tcp, quic.as_str(), format!("cannot listen on {quic}")),
+    ] {
+        let args = ["--http-addr", http, "--p2p-listen", tcp, "--p2p-listen", quic];
+        let run = common::start_foreground(temp.path(), &args).expect(1);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        assert!(!output.contains("panicked"), "a panic on the way out: {run:#?}");
+        // The error is the last thing printed, and it names the address.
+        let last = run.stderr.trim_end().lines().last().unwrap_or_default();
+        assert!(last.starts_with("error:") && last.contains(&needle), "{needle:?} should end the output: {run:#?}");
+        assert!(!temp.path().join("node.json").exists(), "a node that failed announced itself");
+    }
+    // The running node was not disturbed.
+    let res = running.client.get(running.url("/healthz")).send().await.expect("healthz");
+    assert!(res.status().is_success());
+    drop((tcp, udp));
+}
+
+/// A fresh node, and the same node restarted, log only what is true and worth saying:
+/// no PostgreSQL NOTICEs (migrations create nothing that exists), and a node without
+/// bootstrap peers says so once at info instead of warning on every DHT refresh (here
+/// every second, and the node is watched for three).
+#[tokio::test]
+async fn a_fresh_start_logs_no_notices_and_no_bootstrap_warnings() {
+    let quiet = |log: &str| {
+        for noise in ["NOTICE", "already exists, skipping", "Failed to trigger bootstrap", "No known peers"] {
+            assert!(!log.contains(noise), "{noise:?} in the log:\n{log}");
+        }
+        let said: Vec<&str> = log.lines().filter(|l| l.contains("no bootstrap peers")).collect();
+        assert!(said.len() == 1 && said[0].contains("INFO"), "said once, at info: {said:?}\n{log}");
+    };
+    let mut node = Node::start(&["--kad-refresh", "1"]).await;
+    let temp = node.take_temp().expect("temp dir");
+    let dir = temp.path().to_owned();
+    let up_for = |secs: u64| {
+        let dir = dir.clone();
+        move || {
+            let report = cli(&dir, &["status", "--json"]).expect(0).json();
+            let shards = report["shards"].as_array().cloned().unwrap_or_default();
+            let up = !shards.is_empty() && shards.iter().all(|s| s["since_secs"].as_u64() >= Some(secs));
+            async move { up.then_some(()) }
+        }
+    };
+    common::wait_for("three DHT refresh periods", Duration::from_secs(60), up_for(3)).await;
+    node.stop();
+    let first = std::fs::read_to_string(dir.join("test-node.log")).expect("log");
+    assert!(first.contains("node stopped"), "{first}");
+    quiet(&first);
+
+    // The restart finds every table there: still no NOTICE.
+    std::fs::remove_file(dir.join("test-node.log")).expect("remove the log");
+    let node = Node::start_in(&dir, &["--kad-refresh", "1"]).await;
+    common::wait_for("three DHT refresh periods", Duration::from_secs(60), up_for(3)).await;
+    drop(node);
+    quiet(&std::fs::read_to_string(dir.join("test-node.log")).expect("log"));
+    drop(temp);
 }

@@ -1,13 +1,14 @@
 //! Storage guarantees, checked in PostgreSQL itself: the change log records every write
 //! with its clock; cross-shard transactions left in doubt are settled; a crash never
-//! leaves a half-created user; a burst of logins does not stall other requests.
+//! leaves a half-created user; reads are answered while password hashing is busy; a data
+//! directory cannot be started with another shard count than its data was created with.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{Node, PASSWORD, shard_db, wait_for};
+use common::{FAST, Node, PASSWORD, shard_db, start_foreground, wait_for};
 use cosmicsync::sealing::{Sealed, email_context};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -222,10 +223,21 @@ async fn a_crash_never_leaves_a_half_created_user() {
     drop(temp);
 }
 
+/// Password hashing never holds up other requests, on any number of cores: the test
+/// itself keeps every hashing job in flight (fail point `password-work`, released by a
+/// file), so the reads below are made while the pool is busy and a queue waits for it.
+/// Were bcrypt run on an actor thread, the held job would block it and the reads with it.
 #[tokio::test]
-async fn a_burst_of_logins_does_not_stall_other_requests() {
-    let node = Node::start(&["--bcrypt-cost", "10"]).await;
+async fn reads_are_answered_while_password_hashing_is_busy() {
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    // Present while the user registers (nothing is held), removed to hold the logins.
+    std::fs::write(&release, "").expect("release file");
+    let failpoint = format!("FAILPOINTS=password-work=return({})", release.display());
+    let node = Node::start_wrapped_temp(&["env", &failpoint], common::FAST).await;
     let ada = node.user("ada").await;
+    std::fs::remove_file(&release).expect("remove the release file");
+
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let burst = tokio::spawn({
         let (client, url, done) = (node.client.clone(), node.url("/api/v1/auth/login"), done.clone());
@@ -243,18 +255,53 @@ async fn a_burst_of_logins_does_not_stall_other_requests() {
             futures_util::future::join_all(sends).await.into_iter().filter(|ok| *ok).count()
         }
     });
-    // Once the first login is back, the rest of the burst is queued for hashing. Reads
-    // made now must not queue behind hashes: if hashing ran on an actor thread, each read
-    // would wait for the hash in progress and these reads would outlast the burst.
-    wait_for("the burst to be under way", Duration::from_secs(60), || {
-        let n = done.load(std::sync::atomic::Ordering::SeqCst);
-        async move { (n >= 1).then_some(()) }
-    })
-    .await;
-    for _ in 0..50 {
-        let res = node.req(Method::GET, &format!("/api/v1/users/{}", ada.id), &ada).send().await.unwrap();
-        assert_eq!(res.status(), 200);
-    }
-    assert!(!burst.is_finished(), "the reads waited for the burst of logins");
+    node.wait_log("a bcrypt job held", |l| l.contains("fail point password-work: holding")).await;
+
+    let reads = async {
+        for _ in 0..50 {
+            let res = node.req(Method::GET, &format!("/api/v1/users/{}", ada.id), &ada).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), reads).await.expect("reads answered while hashing is held");
+    // Nothing is released until the file exists, so every login is still in flight.
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0, "a login finished while its hash was held");
+    std::fs::write(&release, "").expect("release file");
     assert_eq!(burst.await.unwrap(), 24);
+}
+
+/// Rows are placed by the shard count, so the count a data directory was created with is
+/// kept: another `--shards` is refused with the count to use, also for a data directory
+/// from before the count was recorded, and with the right count every user is there.
+#[tokio::test]
+async fn a_data_directory_keeps_its_shard_count() {
+    let mut node = Node::start(&["--shards", "4"]).await;
+    let temp = node.take_temp().expect("temp dir");
+    let dir = temp.path();
+    let mut users = Vec::new();
+    for i in 0..8 {
+        users.push(node.user(&format!("user{i}")).await);
+    }
+    node.stop();
+    drop(node);
+    assert_eq!(std::fs::read_to_string(dir.join("shard_count")).expect("shard_count").trim(), "4");
+
+    let with_shards = |n: &'static str| -> Vec<&str> { FAST.iter().copied().chain(["--shards", n]).collect() };
+    let run = start_foreground(dir, &with_shards("2")).expect(1);
+    assert!(run.stderr.contains("created with 4 shards") && run.stderr.contains("--shards 4"), "{run:#?}");
+    assert!(!dir.join("node.json").exists(), "a refused node announced itself");
+    // A directory from before the count was kept: its databases tell.
+    std::fs::remove_file(dir.join("shard_count")).expect("remove shard_count");
+    let run = start_foreground(dir, &with_shards("8")).expect(1);
+    assert!(run.stderr.contains("created with 4 shards (counted from its shard databases)"), "{run:#?}");
+
+    let node = Node::start_in(dir, &["--shards", "4"]).await;
+    assert_eq!(std::fs::read_to_string(dir.join("shard_count")).expect("shard_count").trim(), "4");
+    for user in &users {
+        let res = node.req(Method::GET, &format!("/api/v1/users/{}", user.id), user).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{} is missing", user.username);
+        assert_eq!(node.login(&user.username, PASSWORD).await.status(), 200, "{} cannot log in", user.username);
+    }
+    drop(node);
+    drop(temp);
 }

@@ -540,3 +540,48 @@ async fn a_replay_that_cannot_read_a_shard_says_so() {
     send(&mut live, json!({ "type": "still there?" })).await;
     expect(&mut live, "error").await;
 }
+
+/// Resuming from the node's current position has no history to send, but the client
+/// is still told the history is done: `replay_complete` comes before any live change.
+#[tokio::test]
+async fn resuming_at_the_current_position_still_gets_replay_complete() {
+    let node = Node::start(&[]).await;
+    let ada = node.user("ada").await;
+    let topics = topics(&["projects"]);
+    let mut first = connect(&node, &ada).await;
+    subscribe(&mut first, &topics, None).await;
+    create_project(&node, &ada, "seen", "").await;
+    let last = seq(&expect(&mut first, "change").await);
+
+    let mut again = connect(&node, &ada).await;
+    let watermark = subscribe(&mut again, &topics, Some(last)).await;
+    assert!(watermark >= last, "the position went backwards: {watermark} < {last}");
+    let complete = expect(&mut again, "replay_complete").await;
+    assert_eq!(complete["seq"], watermark);
+    let live = create_project(&node, &ada, "live", "").await;
+    assert_eq!(op_id(&expect(&mut again, "change").await), ("create".into(), live));
+}
+
+/// A position this node never issued (from another node, or from before its data was
+/// reset) cannot be resumed: the client is told so, and may subscribe again.
+#[tokio::test]
+async fn resuming_from_beyond_what_the_node_issued_is_an_error() {
+    let node = Node::start(&[]).await;
+    let ada = node.user("ada").await;
+    let topics = topics(&["projects"]);
+    let mut ws = connect(&node, &ada).await;
+    let watermark = subscribe(&mut ws, &topics, None).await;
+    drop(ws);
+
+    let mut ws = connect(&node, &ada).await;
+    let ahead = watermark + 1_000_000;
+    send(&mut ws, json!({ "type": "subscribe", "topics": topics, "since": ahead })).await;
+    let error = expect(&mut ws, "error").await;
+    let message = error["message"].as_str().expect("message");
+    assert!(message.contains(&format!("since={ahead} is ahead of this node")), "{message}");
+    // Not subscribed: the same connection may subscribe from a valid position.
+    let again = subscribe(&mut ws, &topics, Some(watermark)).await;
+    assert_eq!(expect(&mut ws, "replay_complete").await["seq"], again);
+    let live = create_project(&node, &ada, "live", "").await;
+    assert_eq!(op_id(&expect(&mut ws, "change").await), ("create".into(), live));
+}

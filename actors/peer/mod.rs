@@ -81,6 +81,29 @@ pub fn load_key(path: &Path) -> anyhow::Result<Keypair> {
     Ok(key)
 }
 
+/// Refuses a TCP listen port another process already listens on.
+///
+/// libp2p's TCP transport sets SO_REUSEPORT on its listener, because hole punching dials
+/// out *from* the listen port and those sockets must share it. The same option lets a
+/// second node bind a port the first one listens on, and the kernel then splits incoming
+/// connections between two different peers. So before libp2p listens, each fixed TCP
+/// port is bound once here without SO_REUSEPORT (std sets only SO_REUSEADDR, which
+/// still refuses a port in LISTEN but not one with leftovers in TIME_WAIT) and released
+/// at once; libp2p's own sockets keep their options, so dials still reuse the port.
+/// Checked on the first start only: after a restart of the event loop the port is ours
+/// and may still be held by connections of the loop that died. A process that takes
+/// the port in the instant between the probe and libp2p's bind is not caught.
+fn refuse_taken_tcp_ports(listen: &[Multiaddr]) -> Result<(), PeerError> {
+    for addr in listen {
+        if let Some(socket) = crate::p2p::addr::tcp_listen_socket(addr) {
+            std::net::TcpListener::bind(socket).map_err(|e| {
+                PeerError::Start(format!("cannot listen on {addr}: {e} (is another node or program using the port?)"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// A Swarm listening on the configured addresses.
 fn start_swarm(key: &Keypair, config: &P2pConfig, listen: &[Multiaddr]) -> Result<Started, PeerError> {
     let mut swarm = build_swarm(key.clone(), config).map_err(|e| PeerError::Start(e.to_string()))?;
@@ -120,7 +143,11 @@ impl PeerActor {
     /// Builds the Swarm and opens its listeners now, so a bad address or a port in use is
     /// a start error; the event loop starts with the actor.
     pub fn new(key: Keypair, config: P2pConfig, replication: Replication) -> Result<Self, PeerError> {
+        refuse_taken_tcp_ports(&config.listen)?;
         let first = start_swarm(&key, &config, &config.listen)?;
+        if config.bootstrap.is_empty() {
+            info!("no bootstrap peers: this node joins a network when others dial it (or, with --mdns, finds them)");
+        }
         Ok(Self {
             key,
             bound: Arc::new(Mutex::new(config.listen.clone())),

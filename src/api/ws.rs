@@ -10,7 +10,9 @@
 //!    (`since` optional: without it only live changes). The server answers
 //!    `{"type":"subscribed","topics":[...],"seq":W}`, then `{"type":"change",...}` per
 //!    change (the `ChangeEvent` fields flattened), with `{"type":"replay_complete",
-//!    "seq":W}` between the history `(since, W]` and the live changes when resuming.
+//!    "seq":W}` between the history `(since, W]` and the live changes whenever `since` is
+//!    given (also when there is no history to send). A `since` beyond every number the
+//!    node has issued is refused with an error message, and nothing is subscribed.
 //! 3. a bad message gets `{"type":"error","message":"..."}` and the connection stays.
 //!
 //! Close codes: 1008 for the client's faults (bad, missing or expired token, more than
@@ -314,7 +316,9 @@ impl Conn {
         let hub = self.state.hub.clone();
         let subscribe = Subscribe { filter, since, tx, ended: ended_tx, caller: caller.user_id };
         let reply = match hub.send(subscribe).await {
-            Ok(reply) => reply,
+            Ok(Ok(reply)) => reply,
+            // Not subscribed: the client may try again with another `since`.
+            Ok(Err(refused)) => return self.bad_message(&refused.to_string()).await,
             Err(_) => return Err(close(CloseCode::Again, "the event hub is restarting; reconnect")),
         };
         self.subscription = Some(Subscription {

@@ -2,7 +2,10 @@
 //!
 //! A detached node is this same binary re-executed without `--detach` in a new session;
 //! it announces itself by writing `<data-dir>/node.json` with its pid. `stop` asks over
-//! the control socket and falls back to SIGTERM. This module must never signal a pid it
+//! the control socket and falls back to SIGTERM, then returns only once the node and its
+//! own PostgreSQL (pid from `<data-dir>/pg/postmaster.pid`) are gone: no thread of them
+//! runs, and they have been reaped (or `REAP_GRACE` passed: a zombie holds nothing but
+//! its pid, and only its parent can reap it). This module must never signal a pid it
 //! has not checked is a live `cosmicsync` process (a stale node.json may name a pid the
 //! kernel has since given to someone else), and never pid 0 or -1 (process groups).
 
@@ -25,6 +28,10 @@ const READY_DEADLINE: Duration = Duration::from_secs(120);
 
 /// How long `stop` waits for an answer on the control socket before it signals.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `stop` waits for the parent of an exited process (the node, its PostgreSQL)
+/// to reap it: until then `ps` and `kill -0` still show it. Some inits reap lazily.
+const REAP_GRACE: Duration = Duration::from_secs(10);
 
 /// How often a wait re-checks its condition.
 const POLL: Duration = Duration::from_millis(50);
@@ -107,6 +114,9 @@ fn log_tail(path: &Path, from: u64, lines: usize) -> String {
 pub fn stop(data_dir: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + timeout;
     let recorded = read_node_info(data_dir).map(|i| i.pid);
+    // Read before the node stops it (which removes the file); only a live `postgres`.
+    let postgres = cosmicsync::embedded_pg::postmaster_pid(&data_dir.join("pg"))
+        .filter(|pid| pid_alive(*pid) && comm(*pid).as_deref() == Some("postgres"));
     // Leave time for the SIGTERM fallback if the node is wedged and never answers.
     let ask_timeout = timeout.min(CONTROL_TIMEOUT);
     let pid = match control::request(data_dir, &Request::Stop, ask_timeout) {
@@ -136,15 +146,33 @@ pub fn stop(data_dir: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    while pid_alive(pid) {
-        if Instant::now() >= deadline {
-            eprintln!("error: the node (pid {pid}) is still running after {} s", timeout.as_secs());
+    for (what, pid) in std::iter::once(("the node", pid)).chain(postgres.map(|pg| ("its PostgreSQL", pg))) {
+        if !wait_gone(pid, deadline) {
+            eprintln!("error: {what} (pid {pid}) is still running after {} s", timeout.as_secs());
             return Ok(ExitCode::from(exit::TIMED_OUT));
         }
-        std::thread::sleep(POLL);
     }
     println!("stopped (pid {pid})");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until `pid` has exited and been reaped (or has been exited for `REAP_GRACE`);
+/// false if it still runs at `deadline`.
+fn wait_gone(pid: u32, deadline: Instant) -> bool {
+    let mut exited_at = None;
+    loop {
+        if !pid_exists(pid) {
+            return true;
+        }
+        if pid_alive(pid) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+        } else if exited_at.get_or_insert_with(Instant::now).elapsed() >= REAP_GRACE {
+            return true;
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// A pid we may signal: never 0, 1 or negative once cast (those address groups or
@@ -154,21 +182,38 @@ fn signalable(pid: u32) -> Option<libc::pid_t> {
     (pid > 1 && pid as u32 != std::process::id()).then_some(pid)
 }
 
-/// Whether `pid` exists and has not exited (a zombie waiting for its parent to reap it
-/// counts as exited: it no longer runs and its resources are released).
-fn pid_alive(pid: u32) -> bool {
+/// Whether `pid` is in the process table at all (running, or a zombie not yet reaped).
+fn pid_exists(pid: u32) -> bool {
     let Some(raw) = signalable(pid) else { return false };
     // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
-    let exists =
-        unsafe { libc::kill(raw, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    exists && !is_zombie(pid)
+    let sent = unsafe { libc::kill(raw, 0) };
+    sent == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// `/proc/<pid>/stat` has the state right after the parenthesised command name.
-fn is_zombie(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+/// Whether `pid` exists and has not exited. A zombie counts as exited, unless one of its
+/// threads still runs (the main thread of an exiting process turns zombie before the
+/// others are gone, and they may still hold its sockets and files).
+fn pid_alive(pid: u32) -> bool {
+    if !pid_exists(pid) {
+        return false;
+    }
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks.flatten().any(|task| !is_zombie(&task.path().join("stat"))),
+        // Without /proc there is nothing more to learn: it exists.
+        Err(_) => true,
+    }
+}
+
+/// `stat` files have the state right after the parenthesised command name.
+fn is_zombie(stat: &Path) -> bool {
+    let Ok(stat) = std::fs::read_to_string(stat) else { return true };
     let state = stat.rfind(')').and_then(|i| stat[i + 1..].trim_start().chars().next());
     matches!(state, Some('Z' | 'X'))
+}
+
+/// The program name of `pid`, from /proc.
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim().to_owned())
 }
 
 /// Whether `pid` is alive and runs a program with this one's name.
@@ -176,8 +221,8 @@ pub fn is_node_process(pid: u32) -> bool {
     if !pid_alive(pid) {
         return false;
     }
-    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok().map(|c| c.trim().to_owned());
-    match (comm(&pid.to_string()), comm("self")) {
+    let ours = std::fs::read_to_string("/proc/self/comm").ok().map(|c| c.trim().to_owned());
+    match (comm(pid), ours) {
         (Some(theirs), Some(ours)) => theirs == ours,
         // Without /proc there is nothing to compare; the pid is alive and recorded.
         _ => true,

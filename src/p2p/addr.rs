@@ -70,6 +70,22 @@ pub fn with_port_of(configured: &Multiaddr, bound: &Multiaddr) -> Multiaddr {
         .collect()
 }
 
+/// The socket address of a plain TCP listen address with a fixed port
+/// (`/ip4|ip6/<ip>/tcp/<port>` and nothing after), for checking that the port is free.
+/// Port 0 and any other shape give `None`.
+pub fn tcp_listen_socket(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next()? {
+        Protocol::Ip4(ip) => ip.into(),
+        Protocol::Ip6(ip) => ip.into(),
+        _ => return None,
+    };
+    match (parts.next()?, parts.next()) {
+        (Protocol::Tcp(port), None) if port != 0 => Some((ip, port).into()),
+        _ => None,
+    }
+}
+
 /// True when the address uses a transport this node speaks (TCP or QUIC v1 over IP or
 /// DNS, optionally through a relay), so configuration errors surface at start.
 pub fn is_supported_transport(addr: &Multiaddr) -> bool {
@@ -96,6 +112,16 @@ mod tests {
     }
 
     const ID: &str = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+
+    #[test]
+    fn tcp_listen_sockets() {
+        assert_eq!(tcp_listen_socket(&ma("/ip4/127.0.0.1/tcp/4001")), Some("127.0.0.1:4001".parse().unwrap()));
+        assert_eq!(tcp_listen_socket(&ma("/ip6/::/tcp/4001")), Some("[::]:4001".parse().unwrap()));
+        for other in ["/ip4/0.0.0.0/tcp/0", "/ip4/1.2.3.4/udp/4001/quic-v1", "/dns4/a.example/tcp/1", "/ip4/1.2.3.4"] {
+            assert_eq!(tcp_listen_socket(&ma(other)), None, "{other}");
+        }
+        assert_eq!(tcp_listen_socket(&Multiaddr::empty()), None);
+    }
 
     #[test]
     fn relayed_or_direct() {

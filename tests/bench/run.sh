@@ -121,8 +121,11 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------------------
 # --bcrypt-cost 4 only speeds up registering and logging in the benchmark user; no
 # measured request hashes a password (bcrypt cost would dominate a login benchmark).
+# Every port is 0, so the benchmark runs beside a node on the default ports (a node
+# refuses a p2p port another process listens on).
 log "starting a release node in $DATA"
-node_start "$DATA" "$NODE_LOG" --http-addr 127.0.0.1:0 --bcrypt-cost 4
+node_start "$DATA" "$NODE_LOG" --http-addr 127.0.0.1:0 --bcrypt-cost 4 \
+    --p2p-listen /ip4/127.0.0.1/tcp/0 --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1
 log "node $NODE_PID ready at $NODE_API; idle for $IDLE s"
 sleep "$IDLE"
 RSS_IDLE_KIB=$(rss_kib "$NODE_PID")

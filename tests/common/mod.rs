@@ -502,6 +502,13 @@ pub fn cli(dir: &Path, args: &[&str]) -> Run {
     cli_env(dir, args, &[])
 }
 
+/// `cosmicsync start` in the foreground on `dir` with exactly `args`, for a start that
+/// must fail: returns once the process has exited, with all it printed.
+pub fn start_foreground(dir: &Path, args: &[&str]) -> Run {
+    let all: Vec<&str> = ["start"].iter().chain(args).copied().collect();
+    cli_env(dir, &all, &[("COSMICSYNC_BCRYPT_COST", "4")])
+}
+
 /// The keyring a node keeps in its data directory (to check what it stored).
 pub fn keyring(dir: &Path) -> cosmicsync::sealing::Keyring {
     let text = std::fs::read_to_string(dir.join("keys.json")).expect("read keys.json");
