@@ -8,6 +8,10 @@ CARGO    ?= cargo
 DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$(CURDIR)" 2>/dev/null; \
 	then echo /var/lib/cosmicsync; else echo ./cosmicsync-data; fi)
 ARGS     ?=
+# `make cluster`: how many nodes, and where they keep their data (the same rule as DATA_DIR).
+N        ?= 3
+CLUSTER_DIR ?= $(shell if [ "$$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$(CURDIR)" 2>/dev/null; \
+	then echo /var/lib/cosmicsync-cluster; else echo ./cosmicsync-cluster; fi)
 
 .DEFAULT_GOAL := help
 ensure-netlab: ## install what the namespace tests need (nftables, iptables, conntrack, miniupnpd; root and apt-get)
@@ -16,7 +20,7 @@ ensure-netlab: ## install what the namespace tests need (nftables, iptables, con
 ensure-interop: ## install the js-libp2p peer the interop test runs (npm ci in tests/interop/js)
 	.ci/ensure-interop
 
-.PHONY: help ensure-postgres ensure-netlab ensure-interop build run test bench bench-reco lint fmt clean
+.PHONY: help ensure-postgres ensure-netlab ensure-interop build run cluster cluster-stop test bench bench-reco bench-sync lint fmt clean
 
 help: ## list the targets
 	@echo 'Targets (variables: DATA_DIR=$(DATA_DIR), ARGS="extra cosmicsync start arguments"):'
@@ -31,6 +35,12 @@ build: ## release build of the cosmicsync binary
 run: ensure-postgres build ## start a node with its data (and its PostgreSQL cluster) in DATA_DIR
 	./target/release/cosmicsync start --data-dir "$(DATA_DIR)" $(ARGS)
 
+cluster: ensure-postgres build ## start N nodes (default 3) of one network on this host, in CLUSTER_DIR
+	./target/release/cosmicsync cluster start --nodes $(N) --dir "$(CLUSTER_DIR)" -- $(ARGS)
+
+cluster-stop: ## stop the nodes `make cluster` started
+	./target/release/cosmicsync cluster stop --dir "$(CLUSTER_DIR)"
+
 # nextest runs each test in its own process, which keeps one test's stray cluster or
 # panic from taking others down; plain cargo test is the fallback. The tests are built
 # with fail points (Cargo feature `failpoints`) so they can make parts of a node die.
@@ -44,11 +54,14 @@ test: ensure-postgres ensure-netlab ensure-interop ## run all tests (cargo nexte
 		$(CARGO) test --no-fail-fast $(TEST_FEATURES); \
 	fi
 
-bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh: API, recommendation batch, 30-node p2p network)
+bench: ensure-postgres ## run the benchmarks (tests/bench/run.sh: API, recommendation batch, 30-node p2p network, replication)
 	bash tests/bench/run.sh
 
 bench-reco: ## run only the recommendation batch benchmark (tests/bench/reco.sh)
 	bash tests/bench/run.sh reco
+
+bench-sync: ensure-postgres ## run only the replication benchmark (tests/bench/sync.sh): propagation, catch-up, reconciliation bytes
+	bash tests/bench/run.sh sync
 
 lint: ## check formatting and run clippy with warnings denied
 	$(CARGO) fmt --all -- --check

@@ -24,6 +24,7 @@ use crate::actors::recommend::{GetRecommendStatus, RecommendActor, StartRun};
 use crate::actors::shard::{GetProfile, GetProject, GetUser};
 use crate::actors::shards::Shards;
 use crate::actors::supervisor::{GetStatus, NodeSupervisor, Shutdown};
+use crate::actors::sync::{GetSyncStatus, SyncActor};
 use crate::control::{MAX_LINE_BYTES, Request, Response, decode_request, encode_response};
 use crate::problem::ApiError;
 
@@ -53,8 +54,10 @@ impl ControlActor {
         keys: Addr<KeyActor>,
         peer: Addr<PeerActor>,
         recommender: Addr<RecommendActor>,
+        sync: Addr<SyncActor>,
     ) -> Self {
-        Self { listener: Some(listener), handler: RequestHandler { supervisor, shards, keys, peer, recommender } }
+        let handler = RequestHandler { supervisor, shards, keys, peer, recommender, sync };
+        Self { listener: Some(listener), handler }
     }
 }
 
@@ -145,6 +148,7 @@ struct RequestHandler {
     keys: Addr<KeyActor>,
     recommender: Addr<RecommendActor>,
     peer: Addr<PeerActor>,
+    sync: Addr<SyncActor>,
 }
 
 impl RequestHandler {
@@ -179,6 +183,7 @@ impl RequestHandler {
             }
             Request::RecommendStatus => json(self.recommender.send(GetRecommendStatus).await?),
             Request::NetworkPeers => json(self.peer.send(GetNetwork).await??.peers),
+            Request::SyncStatus => json(self.sync.send(GetSyncStatus).await?),
             Request::FindPeer { peer_id } => {
                 let peer_id = peer_id
                     .trim()

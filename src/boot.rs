@@ -321,7 +321,7 @@ async fn start(
     .run();
     supervisor.do_send(AttachHttp(HttpActor::new(server).start()));
     let key_actor = KeyActor::new(keys.clone(), config.key_file.clone(), shards.clone(), config.reseal_batch).start();
-    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor, peer.clone(), recommender).start();
+    ControlActor::new(control, supervisor.clone(), shards.clone(), key_actor, peer.clone(), recommender, sync).start();
     watch_signals(supervisor.clone());
 
     // Ready: wait for the shards, then tell the world where we are.

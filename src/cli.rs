@@ -7,11 +7,13 @@
 //! pid. Nothing here may panic on user input: bad values are clap errors, failures are
 //! `anyhow` errors that `main` prints.
 
+mod cluster;
 mod keys;
 mod network;
 mod node;
 mod query;
 mod recommend;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,6 +125,12 @@ pub enum Command {
     /// Run the recommendation batch on the node
     #[command(subcommand)]
     Recommend(RecommendCommand),
+    /// Inspect replication: peers, what each origin wrote, what waits, conflicts
+    #[command(subcommand)]
+    Sync(SyncCommand),
+    /// Run several nodes of one network on this host (to try replication out)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
 }
 
 /// `keys …`.
@@ -145,6 +153,51 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `cluster`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Start N nodes on free loopback ports with one network key, node 1 the others'
+    /// bootstrap peer; prints each node's API URL and how to stop them
+    #[command(after_help = "Each node is an ordinary detached node in <dir>/node-<i>: manage it with \
+                      `cosmicsync --data-dir <dir>/node-<i> …`. Starting again restarts the nodes the directory \
+                      holds. Arguments after `--` go to every node's `start`.\n\
+                      Exit status: 0 all started; 1 a node did not start.")]
+    Start(ClusterStartArgs),
+    /// Stop every node of a cluster directory
+    Stop(ClusterDirArg),
+}
+
+/// `cluster stop`.
+#[derive(Debug, Args)]
+pub struct ClusterDirArg {
+    /// The cluster's directory
+    #[arg(long, value_name = "DIR", default_value = "./cosmicsync-cluster")]
+    pub dir: PathBuf,
+}
+
+/// `cluster start`.
+#[derive(Debug, Args)]
+pub struct ClusterStartArgs {
+    /// How many nodes, 1-32
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub nodes: u16,
+    #[command(flatten)]
+    pub dir: ClusterDirArg,
+    /// Extra `start` options for every node
+    #[arg(last = true, value_name = "START-OPTIONS")]
+    pub extra: Vec<String>,
+}
+
+/// `sync`.
+#[derive(Debug, Subcommand)]
+pub enum SyncCommand {
+    /// Show replication per peer (connected, last reconciliation, changes sent and
+    /// received) and per origin (writes held here), changes waiting for a dependency,
+    /// open conflicts
+    #[command(after_help = "Exit status: 0 shown; 3 no node is running.")]
+    Status(JsonArg),
 }
 
 /// `recommend`.
@@ -309,6 +362,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(KeysCommand::Status { json }) => keys::status(&data_dir, json),
         Command::Recommend(RecommendCommand::Run(RecommendRunArgs { json })) => recommend::run(&data_dir, json),
         Command::Network(NetworkCommand::Peers(JsonArg { json })) => network::peers(&data_dir, json),
+        Command::Sync(SyncCommand::Status(JsonArg { json })) => sync::status(&data_dir, json),
+        Command::Cluster(ClusterCommand::Start(ClusterStartArgs { nodes, dir, extra })) => {
+            cluster::start(&dir.dir, usize::from(nodes), &extra)
+        }
+        Command::Cluster(ClusterCommand::Stop(ClusterDirArg { dir })) => cluster::stop(&dir),
         Command::Network(NetworkCommand::FindPeer(FindPeerArgs { peer_id, json })) => {
             network::find_peer(&data_dir, peer_id, json)
         }

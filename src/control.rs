@@ -75,6 +75,8 @@ pub enum Request {
     NetworkPeers,
     /// A DHT lookup of a peer's addresses (`FoundPeer`).
     FindPeer { peer_id: String },
+    /// The replication status (`SyncStatus`).
+    SyncStatus,
 }
 
 /// What a node answers.

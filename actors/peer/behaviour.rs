@@ -137,6 +137,11 @@ fn behaviour(
     kad_config.set_query_timeout(KAD_QUERY_TIMEOUT);
     let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     match config.kad_mode {
+        // A node that listens only on loopback is reachable exactly by the nodes of its
+        // host, which can all dial it: it serves the DHT (no AutoNAT verdict would come).
+        KadMode::Auto if config.listen.iter().all(crate::p2p::addr::is_loopback) => {
+            kad.set_mode(Some(kad::Mode::Server))
+        }
         KadMode::Auto => kad.set_mode(None),
         KadMode::Server => kad.set_mode(Some(kad::Mode::Server)),
         KadMode::Client => kad.set_mode(Some(kad::Mode::Client)),

@@ -342,7 +342,7 @@ impl Db {
                 conflicts: c.conflicts,
             });
             let e = pending.events.last().expect("just pushed");
-            let conflicts = (!e.conflicts.is_empty()).then(|| Json(&e.conflicts));
+            let conflicts = (!e.conflicts.is_empty()).then_some(Json(&e.conflicts));
             tx.execute(
                 &stmt,
                 &[

@@ -105,6 +105,22 @@ struct PeerSync {
     sent: u64,
     received: u64,
     bytes: u64,
+    last: Option<SessionReport>,
+    /// Sessions that failed in a row (reset by one that succeeds).
+    failures: u32,
+}
+
+/// What the last reconciliation session this node ran with a peer moved and cost.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct SessionReport {
+    /// Negentropy round trips.
+    pub rounds: usize,
+    /// Row states fetched from the peer, and pushed to it.
+    pub received: usize,
+    pub sent: usize,
+    /// Sealed bytes of every request and response of the session, both ways.
+    pub bytes: usize,
+    pub millis: u64,
 }
 
 /// The actor.
@@ -317,13 +333,14 @@ impl SyncActor {
         let shards = self.shards.clone();
         let started = Instant::now();
         let fut = async move { reconcile::run(&transport, &shards, session).await };
-        ctx.spawn(fut.into_actor(self).map(move |result: Result<SessionStats, SessionError>, act, _| {
+        ctx.spawn(fut.into_actor(self).map(move |result: Result<SessionStats, SessionError>, act, ctx| {
             act.running -= 1;
             let state = act.peers.entry(peer).or_default();
             state.reconciling = false;
             state.last_session = Some(Utc::now());
             match result {
                 Ok(stats) => {
+                    state.failures = 0;
                     act.totals.sessions_done += 1;
                     act.totals.changes_applied += stats.applied as u64;
                     act.totals.conflicts_found += stats.conflicts as u64;
@@ -333,6 +350,13 @@ impl SyncActor {
                     state.bytes += stats.bytes as u64;
                     let line = (stats.received + stats.sent > 0).then_some(());
                     let ms = started.elapsed().as_millis() as u64;
+                    state.last = Some(SessionReport {
+                        rounds: stats.rounds,
+                        received: stats.received,
+                        sent: stats.sent,
+                        bytes: stats.bytes,
+                        millis: ms,
+                    });
                     if line.is_some() {
                         info!("reconciled with a peer"; "peer" => %peer, "received" => stats.received,
                               "applied" => stats.applied, "sent" => stats.sent, "rounds" => stats.rounds,
@@ -342,14 +366,30 @@ impl SyncActor {
                                "bytes" => stats.bytes, "ms" => ms);
                     }
                 }
-                Err(SessionError::Busy) => debug!("peer busy; reconciling later"; "peer" => %peer),
+                Err(SessionError::Busy) => {
+                    debug!("peer busy; reconciling later"; "peer" => %peer);
+                    act.retry(peer, ctx);
+                }
                 Err(e) => {
                     act.totals.sessions_failed += 1;
-                    warn!("reconciliation failed"; "peer" => %peer, "error" => %e);
-                    state.last_error = Some(e.to_string());
+                    warn!("reconciliation failed; retrying"; "peer" => %peer, "error" => %e);
+                    if let Some(state) = act.peers.get_mut(&peer) {
+                        state.last_error = Some(e.to_string());
+                    }
+                    act.retry(peer, ctx);
                 }
             }
         }));
+    }
+
+    /// Tries a failed or refused session again after a back-off (1 s, doubling, at most a
+    /// minute): a node whose shards are still starting, or a busy peer, must not wait for
+    /// the next periodic round.
+    fn retry(&mut self, peer: PeerId, ctx: &mut Context<Self>) {
+        let Some(state) = self.peers.get_mut(&peer) else { return };
+        state.failures = state.failures.saturating_add(1);
+        let wait = Duration::from_secs(1 << state.failures.min(6)).min(Duration::from_secs(60));
+        ctx.run_later(wait, move |act, ctx| act.reconcile_with(peer, ctx));
     }
 
     /// A periodic round: a few connected peers, picked at random; then the next round.
@@ -517,6 +557,9 @@ pub struct PeerSyncReport {
     pub changes_received: u64,
     /// Bytes of reconciliation sessions this node ran with the peer.
     pub session_bytes: u64,
+    /// The last session this node ran with the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_session: Option<SessionReport>,
 }
 
 /// Writes of one origin node that this node holds (summed over every row's clock).
@@ -561,6 +604,7 @@ impl Handler<GetSyncStatus> for SyncActor {
                 changes_sent: p.sent,
                 changes_received: p.received,
                 session_bytes: p.bytes,
+                last_session: p.last,
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));

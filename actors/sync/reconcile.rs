@@ -28,6 +28,9 @@ pub const FRAME_LIMIT: u64 = 60_000;
 /// Rows asked for or pushed per request.
 pub const ROWS_PER_REQUEST: usize = 500;
 
+/// Rows named by kind and id.
+pub type Rows = Vec<(Entity, Uuid)>;
+
 /// Why a session failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -164,7 +167,7 @@ impl Served {
     }
 
     /// The rows named by version ids (unknown ids are left out).
-    pub fn rows(&mut self, ids: &[Id]) -> Vec<(Entity, Uuid)> {
+    pub fn rows(&mut self, ids: &[Id]) -> Rows {
         self.last_used = Instant::now();
         ids.iter().filter_map(|id| self.snapshot.rows.get(&id.0).copied()).collect()
     }
@@ -190,7 +193,7 @@ mod tests {
     }
 
     /// Runs negentropy between two snapshots in memory: what each side lacks.
-    fn diff(a: Snapshot, mut b: Served) -> (Vec<(Entity, Uuid)>, Vec<(Entity, Uuid)>) {
+    fn diff(a: Snapshot, mut b: Served) -> (Rows, Rows) {
         let a_rows = a.rows.clone();
         let mut ne = Negentropy::owned(a.storage, FRAME_LIMIT).unwrap();
         let mut msg = ne.initiate().unwrap();
@@ -212,7 +215,7 @@ mod tests {
         let a = Snapshot::from_versions(versions(200, &[3, 150])).unwrap();
         let b = Snapshot::from_versions(versions(200, &[150, 199])).unwrap();
         let (have, need) = diff(a, Served { snapshot: b, last_used: Instant::now() });
-        let ids = |v: Vec<(Entity, Uuid)>| {
+        let ids = |v: Rows| {
             let mut ids: Vec<u8> = v.into_iter().map(|(_, id)| id.as_bytes()[0]).collect();
             ids.sort();
             ids

@@ -36,7 +36,9 @@ pub mod defaults {
 #[serde(rename_all = "lowercase")]
 pub enum KadMode {
     /// Server once an external address is confirmed (by AutoNAT, UPnP, a relay or
-    /// `--external-addr`), client before: peers never add an unreachable node to their tables.
+    /// `--external-addr`), client before: peers never add an unreachable node to their
+    /// tables. A node listening only on loopback is a server at once (every node of its
+    /// host can dial it).
     #[default]
     Auto,
     /// Always answer queries (a node known to be reachable, or nodes on one host or LAN).

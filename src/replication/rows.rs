@@ -128,20 +128,27 @@ pub fn stamps_of(state: &RowState) -> BTreeMap<String, Stamp> {
     state.fields.iter().filter_map(|(f, s)| s.first().map(|s| (f.clone(), s.stamp.clone()))).collect()
 }
 
-/// Rebuilds a state from a stored row: its entity, id, owner and clock, the values of its
-/// columns (`values`), their stamps, and the losing values of open conflicts. A row
-/// written before stamps existed has none: its values get the dot of the clock's one
-/// entry and the HLC time of `updated_at`, as every such row was written by one node.
-pub fn state_from_stored(
-    entity: Entity,
-    id: Uuid,
-    owner: Uuid,
-    clock: VectorClock,
-    values: BTreeMap<String, Value>,
-    stamps: BTreeMap<String, Stamp>,
-    losers: Vec<(String, Sibling)>,
-    updated_at: DateTime<Utc>,
-) -> RowState {
+/// A replicated row as a shard stores it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub entity: Entity,
+    pub id: Uuid,
+    pub owner: Uuid,
+    pub clock: VectorClock,
+    /// The values of its columns (the visible values).
+    pub values: BTreeMap<String, Value>,
+    /// The stamps of those values (`stamps` column).
+    pub stamps: BTreeMap<String, Stamp>,
+    /// The losing values of its open conflicts, by field.
+    pub losers: Vec<(String, Sibling)>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Rebuilds a state from a stored row. A row written before stamps existed has none: its
+/// values get the dot of the clock's one entry and the HLC time of `updated_at`, as every
+/// such row was written by one node.
+pub fn state_from_stored(stored: Stored) -> RowState {
+    let Stored { entity, id, owner, clock, values, stamps, losers, updated_at } = stored;
     let fallback = || {
         let (node, counter) = clock.entries().max_by_key(|(_, c)| *c).map(|(n, c)| (n.to_owned(), c))?;
         Some(Stamp { dot: Dot { node, counter }, hlc: hlc_of(updated_at) })
@@ -202,8 +209,16 @@ mod tests {
         let now = crate::model::now();
         let clock = VectorClock::new().incremented("n1").incremented("n1");
         let values = BTreeMap::from([("name".to_owned(), json!("x"))]);
-        let s =
-            state_from_stored(Entity::Project, Uuid::nil(), Uuid::nil(), clock, values, BTreeMap::new(), vec![], now);
+        let s = state_from_stored(Stored {
+            entity: Entity::Project,
+            id: Uuid::nil(),
+            owner: Uuid::nil(),
+            clock,
+            values,
+            stamps: BTreeMap::new(),
+            losers: vec![],
+            updated_at: now,
+        });
         assert_eq!(s.stamp("name").unwrap().dot, Dot { node: "n1".into(), counter: 2 });
         assert_eq!(s.stamp("name").unwrap().hlc, hlc_of(now));
     }

@@ -32,14 +32,17 @@ set -euo pipefail
 
 # `run.sh api` is this API benchmark, `run.sh reco` the recommendation batch
 # (tests/bench/reco.sh), `run.sh p2p` the network one (tests/bench/p2p.sh), and `run.sh`
-# (or `all`) all three, each with its own section of docs/BENCHMARKS.md.
+# `run.sh sync` the replication one (tests/bench/sync.sh), and `run.sh` (or `all`) all
+# four, each with its own section of docs/BENCHMARKS.md.
 HERE=$(dirname "${BASH_SOURCE[0]}")
 case ${1:-all} in
     api) ;;
     reco) exec bash "$HERE/reco.sh" ;;
     p2p) exec bash "$HERE/p2p.sh" ;;
-    all) bash "${BASH_SOURCE[0]}" api && bash "$HERE/reco.sh" && BENCH_BUILD=0 exec bash "$HERE/p2p.sh" ;;
-    *) echo "usage: $0 [api|reco|p2p|all]" >&2 && exit 2 ;;
+    sync) exec bash "$HERE/sync.sh" ;;
+    all) bash "${BASH_SOURCE[0]}" api && bash "$HERE/reco.sh" && BENCH_BUILD=0 bash "$HERE/p2p.sh" &&
+        exec bash "$HERE/sync.sh" ;;
+    *) echo "usage: $0 [api|reco|p2p|sync|all]" >&2 && exit 2 ;;
 esac
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

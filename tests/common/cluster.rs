@@ -195,3 +195,12 @@ pub async fn open_transactions(dir: &Path) -> Option<i64> {
         "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' AND application_name = 'cosmicsync'";
     db.query_one(sql, &[]).await.ok().map(|r| r.get(0))
 }
+
+/// The ids of the first `n` projects on `node` (as `user` sees the list).
+pub async fn first_projects(node: &Node, user: &TestUser, n: usize) -> Vec<String> {
+    let (_, page) = get(node, &format!("/api/v1/projects?limit={n}"), user).await;
+    page["items"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["id"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}

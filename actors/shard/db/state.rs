@@ -179,7 +179,8 @@ impl Db {
             }
         };
         let losers = self.open_losers(tx, id).await?;
-        Ok(Some(rows::state_from_stored(entity, id, owner, clock, values, stamps, losers, updated_at)))
+        let stored = rows::Stored { entity, id, owner, clock, values, stamps, losers, updated_at };
+        Ok(Some(rows::state_from_stored(stored)))
     }
 
     /// The losing values of a row's open conflicts.
