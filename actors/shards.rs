@@ -336,6 +336,31 @@ impl Shards {
         Ok(all)
     }
 
+    /// Deletes superseded change-log entries older than `retention` on every shard, in
+    /// batches; returns how many went. A shard that fails is skipped until next time.
+    pub async fn prune_changes(&self, retention: std::time::Duration) -> u64 {
+        const BATCH: i64 = 10_000;
+        let retention_secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        for shard in 0..self.len() {
+            loop {
+                match self.ask(shard, crate::actors::shard::PruneChanges { retention_secs, limit: BATCH }).await {
+                    Ok(n) => {
+                        total += n;
+                        if (n as i64) < BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!("change log not pruned"; "shard" => shard, "error" => %e);
+                        break;
+                    }
+                }
+            }
+        }
+        total
+    }
+
     /// Committed changes with `after < seq <= upto` from every shard, in sequence order,
     /// at most `limit`.
     pub async fn changes_since(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<ChangeEvent>, StoreError> {

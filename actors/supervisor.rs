@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
-use slog_scope::info;
+use slog_scope::{debug, info};
 use utoipa::ToSchema;
 
 use crate::actors::event_hub::{EventHub, HubStats, HubStatus};
@@ -66,6 +66,8 @@ pub struct NodeSupervisor {
     recommender: Addr<RecommendActor>,
     peer: Addr<PeerActor>,
     stopping: bool,
+    /// How long superseded change-log entries are kept (`None`: for ever).
+    change_log_retention: Option<Duration>,
 }
 
 impl NodeSupervisor {
@@ -76,8 +78,19 @@ impl NodeSupervisor {
         hub: Addr<EventHub>,
         recommender: Addr<RecommendActor>,
         peer: Addr<PeerActor>,
+        change_log_retention: Option<Duration>,
     ) -> Self {
-        Self { facts, started: Instant::now(), shards, hub, http: None, recommender, peer, stopping: false }
+        Self {
+            facts,
+            started: Instant::now(),
+            shards,
+            hub,
+            http: None,
+            recommender,
+            peer,
+            stopping: false,
+            change_log_retention,
+        }
     }
 }
 
@@ -94,8 +107,27 @@ impl Actor for NodeSupervisor {
                 .into_actor(act),
             );
         });
+        if let Some(retention) = self.change_log_retention {
+            // Pruning every retention period (at most every 10 minutes) keeps the log within
+            // about twice the retention.
+            ctx.run_interval(retention.min(PRUNE_INTERVAL), move |act, ctx| {
+                let shards = act.shards.clone();
+                ctx.spawn(
+                    async move {
+                        let pruned = shards.prune_changes(retention).await;
+                        if pruned > 0 {
+                            debug!("pruned superseded change-log entries"; "entries" => pruned);
+                        }
+                    }
+                    .into_actor(act),
+                );
+            });
+        }
     }
 }
+
+/// The longest wait between two prunings of the change log.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Hands the supervisor the HTTP actor (started last, once the rest is up).
 #[derive(Message)]

@@ -294,7 +294,15 @@ async fn start(
         ..SyncSettings::default()
     };
     let sync = sync_ctx.run(SyncActor::new(node_id.clone(), network_keys, shards.clone(), peer.clone(), sync_settings));
-    let supervisor = NodeSupervisor::new(facts, shards.clone(), hub.clone(), recommender.clone(), peer.clone()).start();
+    let supervisor = NodeSupervisor::new(
+        facts,
+        shards.clone(),
+        hub.clone(),
+        recommender.clone(),
+        peer.clone(),
+        config.change_log_retention,
+    )
+    .start();
     let state = AppState {
         shards: shards.clone(),
         auth,

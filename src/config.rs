@@ -39,6 +39,7 @@ pub mod defaults {
     pub const RESEAL_BATCH: u32 = 500;
     pub const NETWORK_KEY_FILE: &str = "network.key";
     pub const SYNC_INTERVAL: &str = "30s";
+    pub const CHANGE_LOG_RETENTION: &str = "7d";
     pub const LOGIN_FAILURES_PER_ADDRESS: u32 = 20;
     pub const LOGIN_FAILURES_PER_USERNAME: u32 = 5;
     pub const LOG_LEVEL: &str = "info";
@@ -139,6 +140,12 @@ pub struct NodeArgs {
     #[arg(long, env = "COSMICSYNC_SYNC_INTERVAL", value_name = "DURATION")]
     pub sync_interval: Option<String>,
 
+    /// How long the change log keeps entries a later change of the same row supersedes:
+    /// a WebSocket client resuming from further back gets each row's latest change only.
+    /// Replication never reads the log. e.g. 1h, 7d; off keeps everything [default: 7d]
+    #[arg(long, env = "COSMICSYNC_CHANGE_LOG_RETENTION", value_name = "DURATION")]
+    pub change_log_retention: Option<String>,
+
     /// A browser origin allowed to call the API cross-origin (repeatable); CORS is off
     /// when none is given
     #[arg(long = "cors-origin", env = "COSMICSYNC_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
@@ -188,6 +195,7 @@ pub struct FileConfig {
     pub reseal_batch: Option<u32>,
     pub network_key_file: Option<PathBuf>,
     pub sync_interval: Option<String>,
+    pub change_log_retention: Option<String>,
     pub cors_origins: Option<Vec<String>>,
     pub login_failures_per_address: Option<u32>,
     pub login_failures_per_username: Option<u32>,
@@ -242,6 +250,8 @@ pub struct NodeConfig {
     pub network_key_given: bool,
     /// Periodic reconciliation; `None`: only when peers connect.
     pub sync_interval: Option<std::time::Duration>,
+    /// How long superseded change-log entries are kept; `None`: for ever.
+    pub change_log_retention: Option<std::time::Duration>,
     pub cors_origins: Vec<String>,
     pub login_failures_per_address: NonZeroU32,
     pub login_failures_per_username: NonZeroU32,
@@ -405,6 +415,9 @@ impl NodeConfig {
         let interval = args.sync_interval.clone().or(file.sync_interval);
         let sync_interval = parse_interval(interval.as_deref().unwrap_or(defaults::SYNC_INTERVAL))
             .map_err(|m| invalid("sync-interval", m))?;
+        let retention = args.change_log_retention.clone().or(file.change_log_retention);
+        let change_log_retention = parse_interval(retention.as_deref().unwrap_or(defaults::CHANGE_LOG_RETENTION))
+            .map_err(|m| invalid("change-log-retention", m))?;
         let cors_origins = list(&args.cors_origins, file.cors_origins, &[]);
         for origin in &cors_origins {
             let host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
@@ -462,6 +475,7 @@ impl NodeConfig {
             network_key_file,
             network_key_given,
             sync_interval,
+            change_log_retention,
             cors_origins,
             login_failures_per_address,
             login_failures_per_username,

@@ -46,6 +46,11 @@ impl Sequencer {
     /// void (it is never handed out again, and the hub must not wait for it).
     pub fn allocate(&self) -> Result<i64, (i64, std::io::Error)> {
         let s = self.next.fetch_add(1, Ordering::SeqCst);
+        // Test builds: `FAILPOINTS=sequencer-allocate=…return` makes a reservation fail.
+        fail::fail_point!("sequencer-allocate", |_| Err((
+            s,
+            std::io::Error::other("the sequence file cannot be written")
+        )));
         self.reserve_through(s).map_err(|e| (s, e))?;
         Ok(s)
     }

@@ -312,3 +312,53 @@ async fn garbage_truncated_foreign_and_replayed_gossip_harms_nothing() {
     wait_identical(&[&a, &bad], SHARDS).await;
     assert!(!a.log().contains("panicked"), "A panicked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_log_entries_are_pruned_and_a_new_node_still_gets_every_row() {
+    let key = NetworkKey::new();
+    let a = start_member(&key.path, &[], &["--change-log-retention", "1s"]).await;
+    let ada = a.user("ada").await;
+    let path = format!("/api/v1/profiles/{}", ada.profile_id);
+    for i in 0..5 {
+        let res = a.req(Method::PUT, &path, &ada).json(&json!({ "bio": format!("version {i}") })).send().await;
+        assert_eq!(res.expect("put").status(), 200);
+    }
+    // Five updates of one profile: the four superseded entries go, the latest stays.
+    let log_entries = |node: &common::Node| {
+        let dir = node.dir.clone();
+        let profile = ada.profile_id;
+        async move {
+            let mut n = 0;
+            for shard in 0..SHARDS {
+                let db = common::shard_db(&dir, shard).await;
+                let row = db.query_one("SELECT count(*) FROM changes WHERE row_id = $1", &[&profile]).await;
+                n += row.expect("count").get::<_, i64>(0);
+            }
+            n
+        }
+    };
+    wait_for("the superseded entries to be pruned", REPLICATE, || async { (log_entries(&a).await == 1).then_some(()) })
+        .await;
+    // A node that joins now gets the row all the same: catch-up never reads the log.
+    let b = start_member(&key.path, &[&a], &[]).await;
+    let ada_b = login_on(&b, &ada).await;
+    wait_get(&b, &path, &ada_b, 200, |p| p["bio"] == "version 4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_number_that_cannot_be_reserved_never_stops_websocket_delivery() {
+    // The third number this node allocates cannot be reserved on disk.
+    let node = common::Node::start_env(&[], &[("FAILPOINTS", "sequencer-allocate=2*off->1*return")]).await;
+    let ada = node.user("ada").await;
+    let mut ws = node.ws(Some(&ada.token)).await;
+    ws.send(Message::text(json!({ "type": "subscribe", "topics": ["projects"] }).to_string())).await.expect("sub");
+    let create = |name: &str| {
+        let req = node.req(Method::POST, "/api/v1/projects", &ada).json(&json!({ "name": name }));
+        async move { req.send().await.expect("post").status().as_u16() }
+    };
+    assert_eq!(create("lost").await, 500, "the write whose number could not be reserved fails");
+    assert_eq!(create("kept").await, 201);
+    // Delivery goes on past the number that never carried a change.
+    let change = next_change(&mut ws).await;
+    assert_eq!(change["data"]["name"], "kept", "{change}");
+}

@@ -792,6 +792,25 @@ impl Db {
             .collect()
     }
 
+    /// Deletes up to `limit` change-log entries older than `retention_secs` whose row has a
+    /// later entry (superseded: the row's current version is logged after them); returns
+    /// how many. Catch-up never reads the log (it reconciles row states), so this only
+    /// shortens how far back a WebSocket resume gets every intermediate version.
+    pub async fn prune_changes(&self, retention_secs: i64, limit: i64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM changes WHERE seq IN (
+                     SELECT c.seq FROM changes c
+                     WHERE c.committed_at < now() - make_interval(secs => $1)
+                       AND EXISTS (SELECT 1 FROM changes d WHERE d.row_id = c.row_id AND d.seq > c.seq)
+                     LIMIT $2)",
+                &[&(retention_secs as f64), &limit],
+            )
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
     // ----- data keys -----------------------------------------------------------------
 
     /// Records check values of keys about to seal data here (idempotent).

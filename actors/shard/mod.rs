@@ -407,6 +407,8 @@ shard_requests! {
     ListProjects { query: ProjectQuery } -> Vec<Project> = list_projects;
     /// Change-log entries in `(after, upto]`.
     ChangesSince { after: i64, upto: i64, limit: i64 } -> Vec<ChangeEvent> = changes_since;
+    /// Deletes superseded change-log entries older than a retention (a batch at most).
+    PruneChanges { retention_secs: i64, limit: i64 } -> u64 = prune_changes;
     /// Persists a token revocation.
     RevokeToken { jti: Uuid, user_id: Uuid, expires_at: DateTime<Utc> } -> () = revoke_token;
     /// Revocations still in force.

@@ -31,9 +31,9 @@
 set -euo pipefail
 
 # `run.sh api` is this API benchmark, `run.sh reco` the recommendation batch
-# (tests/bench/reco.sh), `run.sh p2p` the network one (tests/bench/p2p.sh), and `run.sh`
-# `run.sh sync` the replication one (tests/bench/sync.sh), and `run.sh` (or `all`) all
-# four, each with its own section of docs/BENCHMARKS.md.
+# (tests/bench/reco.sh), `run.sh p2p` the network one (tests/bench/p2p.sh), `run.sh sync`
+# the replication one (tests/bench/sync.sh), and `run.sh` (or `all`) all four, each with
+# its own section of docs/BENCHMARKS.md.
 HERE=$(dirname "${BASH_SOURCE[0]}")
 case ${1:-all} in
     api) ;;
