@@ -362,3 +362,28 @@ async fn a_sequence_number_that_cannot_be_reserved_never_stops_websocket_deliver
     let change = next_change(&mut ws).await;
     assert_eq!(change["data"]["name"], "kept", "{change}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_that_arrives_before_its_user_waits_for_it_instead_of_failing() {
+    // Only gossip carries the changes here (no periodic reconciliation), and A publishes
+    // every batch in reverse: the new user's profile comes before the user.
+    let key = NetworkKey::new();
+    let quiet = ["--sync-interval", "off"];
+    let a = {
+        let args = common::cluster::member_args(&key.path, &[], &quiet);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::Node::start_env(&args, &[("FAILPOINTS", "gossip-reverse=return")]).await
+    };
+    let b = start_member(&key.path, &[&a], &quiet).await;
+    wait_peer(&b, &peer_id(&a), "B to connect to A", REPLICATE, |_| true).await;
+    // The first session (on connect) has run: from now on only gossip moves rows.
+    let probe = a.user("probe").await;
+    login_on(&b, &probe).await;
+
+    let ada = a.user("ada").await;
+    let ada_b = login_on(&b, &ada).await;
+    wait_get(&b, &format!("/api/v1/profiles/{}", ada.profile_id), &ada_b, 200, |_| true).await;
+    let (_, sync) = get(&b, "/api/v1/sync/status", &ada_b).await;
+    assert_eq!(sync["waiting_for_dependency"], 0, "nothing left waiting: {sync:#}");
+    assert!(!b.log().contains("gossip batch not applied"), "a batch failed on B");
+}

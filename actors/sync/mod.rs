@@ -194,6 +194,12 @@ impl SyncActor {
     /// Publishes the waiting changes, in batches under the size limit.
     fn flush(&mut self) {
         self.flush_scheduled = false;
+        // Test builds: `FAILPOINTS=gossip-reverse=return` publishes a batch's changes in
+        // reverse commit order (a profile before its user), as reordering gossip would.
+        #[cfg(feature = "failpoints")]
+        if fail::eval("gossip-reverse", |_| ()).is_some() {
+            self.outbox.reverse();
+        }
         let mut batch: Vec<RemoteState> = Vec::new();
         let mut size = 0;
         for change in std::mem::take(&mut self.outbox) {

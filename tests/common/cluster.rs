@@ -46,9 +46,11 @@ pub fn member_args(key: &Path, bootstrap: &[&Node], extra: &[&str]) -> Vec<Strin
         SHARDS.into(),
         "--network-key-file".into(),
         key.display().to_string(),
-        "--sync-interval".into(),
-        "2s".into(),
     ];
+    // Quick periodic reconciliation, unless the test chooses its own.
+    if !extra.contains(&"--sync-interval") {
+        args.extend(["--sync-interval".into(), "2s".into()]);
+    }
     for b in bootstrap {
         args.extend(["--bootstrap".into(), bootstrap_addr(b)]);
     }
