@@ -250,9 +250,12 @@ const MISSED: usize = 10_000;
 async fn a_node_that_was_away_catches_up_and_a_kill_mid_batch_leaves_nothing_half_applied() {
     use common::cluster::{create_projects, open_transactions, restart_member, rows_without_log_entry};
     let key = NetworkKey::new();
-    let a = start_member(&key.path, &[], &[]).await;
-    let b = start_member(&key.path, &[&a], &[]).await;
-    let mut c = start_member(&key.path, &[&a], &[]).await;
+    // Gossip and the session on connect carry the changes; periodic rounds on 10,000 rows
+    // every 2 s would only add load on this small machine.
+    let slow = ["--sync-interval", "20s"];
+    let a = start_member(&key.path, &[], &slow).await;
+    let b = start_member(&key.path, &[&a], &slow).await;
+    let mut c = start_member(&key.path, &[&a], &slow).await;
     let ada = a.user("ada").await;
     let bob = b.user("bob").await;
     wait_identical(&[&a, &b, &c], SHARDS).await;
@@ -266,7 +269,7 @@ async fn a_node_that_was_away_catches_up_and_a_kill_mid_batch_leaves_nothing_hal
     assert_eq!(made_a.len() + made_b.len(), MISSED);
 
     // C comes back with its first catch-up batch held open, and is killed mid-batch.
-    let args = common::cluster::member_args(&key.path, &[&a], &[]);
+    let args = common::cluster::member_args(&key.path, &[&a], &slow);
     let args: Vec<&str> = common::FAST.iter().copied().chain(args.iter().map(String::as_str)).collect();
     let mut held = common::Node::spawn_env(&[], &dir, &args, &[("FAILPOINTS", "apply-remote-commit=1*sleep(120000)")]);
     wait_for("C to hold a catch-up batch open", REPLICATE, || async {

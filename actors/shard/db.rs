@@ -264,7 +264,7 @@ impl Db {
                 self.actor.do_send(ConnectionLost(e.to_string()));
                 StoreError::Unavailable(self.shard)
             }
-            Some(_) => StoreError::Database(e.to_string()),
+            Some(_) => StoreError::Database(crate::errors::chain(&e)),
             None => {
                 slog_scope::warn!("shard query failed; checking the connection"; "shard" => self.shard,
                                   "error" => crate::errors::chain(&e));
@@ -341,27 +341,32 @@ impl Db {
                 committed_at: crate::model::now(),
                 conflicts: c.conflicts,
             });
-            let e = pending.events.last().expect("just pushed");
-            let conflicts = (!e.conflicts.is_empty()).then_some(Json(&e.conflicts));
-            tx.execute(
-                &stmt,
-                &[
-                    &e.seq,
-                    &e.origin,
-                    &e.origin_seq,
-                    &e.entity.as_str(),
-                    &e.op.as_str(),
-                    &e.id,
-                    &e.owner_id,
-                    &Json(&e.vclock),
-                    &e.data,
-                    &e.committed_at,
-                    &conflicts,
-                ],
-            )
-            .await
-            .map_err(|e| self.fail(e))?;
         }
+        // Sent together: pipelined on the connection, one round trip for the batch.
+        let inserts = pending.events.iter().map(|e| {
+            let conflicts = (!e.conflicts.is_empty()).then_some(Json(&e.conflicts));
+            let (stmt, tx) = (&stmt, &tx);
+            async move {
+                tx.execute(
+                    stmt,
+                    &[
+                        &e.seq,
+                        &e.origin,
+                        &e.origin_seq,
+                        &e.entity.as_str(),
+                        &e.op.as_str(),
+                        &e.id,
+                        &e.owner_id,
+                        &Json(&e.vclock),
+                        &e.data,
+                        &e.committed_at,
+                        &conflicts,
+                    ],
+                )
+                .await
+            }
+        });
+        futures_util::future::try_join_all(inserts).await.map_err(|e| self.fail(e))?;
         Ok(pending)
     }
 

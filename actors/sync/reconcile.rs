@@ -55,9 +55,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds the snapshot from every shard's versions.
+    /// Builds the snapshot from every shard's versions. Hashing and sorting every row's
+    /// version is CPU work proportional to the data: it runs on the blocking pool, never
+    /// on the thread that serves the node's actors.
     pub async fn take(shards: &Shards) -> Result<Self, SessionError> {
-        Self::from_versions(shards.versions().await?)
+        let versions = shards.versions().await?;
+        tokio::task::spawn_blocking(move || Self::from_versions(versions))
+            .await
+            .map_err(|e| SessionError::Negentropy(format!("snapshot task failed: {e}")))?
     }
 
     fn from_versions(versions: Vec<(Entity, Uuid, u64, VectorClock)>) -> Result<Self, SessionError> {

@@ -383,11 +383,17 @@ pub fn merge(stored: Option<&RowState>, incoming: &RowState) -> Result<Applied, 
         After => Outcome::Applied,
         Concurrent => Outcome::Merged,
     };
-    let state = join(stored, incoming);
-    let (was, now) = (stored.conflicts(), state.conflicts());
+    Ok(Applied { outcome, ..superseding(Some(stored), join(stored, incoming)) })
+}
+
+/// What writing `state` over `stored` changes in conflicts: the result of a series of
+/// merges, seen as one step from the stored state (for writing a batch's final state).
+pub fn superseding(stored: Option<&RowState>, state: RowState) -> Applied {
+    let was = stored.map(RowState::conflicts).unwrap_or_default();
+    let now = state.conflicts();
     let opened = now.iter().filter(|c| !was.iter().any(|w| same_loser(w, c))).cloned().collect();
     let resolved = was.into_iter().filter(|w| !now.iter().any(|c| same_loser(w, c))).collect();
-    Ok(Applied { state, outcome, opened, resolved })
+    Applied { state, outcome: Outcome::Applied, opened, resolved }
 }
 
 fn same_loser(a: &Conflict, b: &Conflict) -> bool {

@@ -162,7 +162,11 @@ pub async fn create_projects(node: &Node, user: &TestUser, n: usize, parallel: u
             let res = req.send().await.expect("create project");
             let status = res.status();
             let body: Value = res.json().await.expect("project body");
-            assert_eq!(status, 201, "create project {i}: {body}");
+            if status != 201 {
+                let log = node.log();
+                let tail: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERRO")).collect();
+                panic!("create project {i}: {status} {body}; the node's warnings:\n{}", tail.join("\n"));
+            }
             body["id"].as_str().expect("id").to_owned()
         }
     });

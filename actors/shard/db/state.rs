@@ -5,7 +5,7 @@
 //! pure rules (`crate::replication::rules`) decided the new state, inside the caller's
 //! transaction, so the row, its conflicts and its change-log entry commit together.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::Transaction;
 use serde_json::Value;
@@ -69,6 +69,20 @@ pub struct RemoteApplied {
     pub users: Vec<(UserRow, Option<(String, String)>)>,
 }
 
+/// What one `apply_remote` call has read and decided so far.
+#[derive(Default)]
+struct Batch {
+    /// Rows as stored before the batch (`None`: not here).
+    original: HashMap<(Entity, Uuid), Option<RowState>>,
+    /// Rows as the batch has left them so far.
+    current: HashMap<(Entity, Uuid), Option<RowState>>,
+    /// Rows the batch changed, in the order first changed.
+    touched: Vec<(Entity, Uuid)>,
+    /// Users known to be here (stored, or arrived in this batch).
+    users: std::collections::HashSet<Uuid>,
+    changes: Vec<NewChange>,
+}
+
 /// At most this many states wait for their user on one shard; beyond it a state is
 /// dropped (reconciliation brings it again once its user is here).
 const MAX_WAITING: i64 = 100_000;
@@ -99,6 +113,15 @@ pub fn refused_for(entity: Entity, r: Refused) -> StoreError {
     }
 }
 
+/// How `load_many` locks the rows it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lock {
+    /// For a write: nobody else changes them until this transaction ends.
+    Update,
+    /// For a read: nobody changes them while the row and its conflicts are read.
+    Share,
+}
+
 fn table(entity: Entity) -> &'static str {
     match entity {
         Entity::User => "users",
@@ -126,83 +149,132 @@ impl Db {
         entity: Entity,
         id: Uuid,
     ) -> Result<Option<RowState>, StoreError> {
-        let keys = self.env.keys.get();
-        let (owner, values, clock, stamps, updated_at) = match entity {
-            Entity::User => {
-                let row = tx
-                    .query_opt(
-                        concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = $1 FOR UPDATE"),
-                        &[&id],
-                    )
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                let Some(row) = row else { return Ok(None) };
-                let u = user_from(&row, &keys)?;
-                (u.id, rows::user_fields(&u), u.vclock, row.get::<_, Json<BTreeMap<String, Stamp>>>(10).0, u.updated_at)
-            }
-            Entity::Profile => {
-                let row = tx
-                    .query_opt(
-                        concat!("SELECT ", profile_columns!(), ", stamps FROM profiles WHERE id = $1 FOR UPDATE"),
-                        &[&id],
-                    )
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                let Some(row) = row else { return Ok(None) };
-                let p = profile_from(&row);
-                (
-                    p.user_id,
-                    rows::profile_fields(&p),
-                    p.vclock,
-                    row.get::<_, Json<BTreeMap<String, Stamp>>>(9).0,
-                    p.updated_at,
-                )
-            }
-            Entity::Project => {
-                let row = tx
-                    .query_opt(
-                        concat!(
-                            "SELECT ",
-                            project_columns!(),
-                            ", stamps, deleted_at FROM projects WHERE id = $1 FOR UPDATE"
-                        ),
-                        &[&id],
-                    )
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                let Some(row) = row else { return Ok(None) };
-                let p = project_from(&row);
-                let mut values = rows::project_fields(&p);
-                let deleted: Option<chrono::DateTime<chrono::Utc>> = row.get(9);
-                values.insert(rules::DELETED.into(), Value::Bool(deleted.is_some()));
-                (p.creator_id, values, p.vclock, row.get::<_, Json<BTreeMap<String, Stamp>>>(8).0, p.updated_at)
-            }
-        };
-        let losers = self.open_losers(tx, id).await?;
-        let stored = rows::Stored { entity, id, owner, clock, values, stamps, losers, updated_at };
-        Ok(Some(rows::state_from_stored(stored)))
+        Ok(self.load_many(tx, entity, &[id], Lock::Update).await?.remove(&id))
     }
 
-    /// The losing values of a row's open conflicts.
-    async fn open_losers(&self, tx: &Transaction<'_>, id: Uuid) -> Result<Vec<(String, Sibling)>, StoreError> {
+    /// Reads replicated rows of one entity as states, in three statements whatever their
+    /// number: the rows (locked as `lock` says, so each row and its conflicts are read
+    /// whole) and the losing values of their open conflicts. Rows not here are absent.
+    pub(super) async fn load_many(
+        &self,
+        tx: &Transaction<'_>,
+        entity: Entity,
+        ids: &[Uuid],
+        lock: Lock,
+    ) -> Result<HashMap<Uuid, RowState>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys = self.env.keys.get();
+        let sql = match (entity, lock) {
+            (Entity::User, Lock::Update) => {
+                concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = ANY($1) FOR UPDATE")
+            }
+            (Entity::User, Lock::Share) => {
+                concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = ANY($1) FOR SHARE")
+            }
+            (Entity::Profile, Lock::Update) => {
+                concat!("SELECT ", profile_columns!(), ", stamps FROM profiles WHERE id = ANY($1) FOR UPDATE")
+            }
+            (Entity::Profile, Lock::Share) => {
+                concat!("SELECT ", profile_columns!(), ", stamps FROM profiles WHERE id = ANY($1) FOR SHARE")
+            }
+            (Entity::Project, Lock::Update) => concat!(
+                "SELECT ",
+                project_columns!(),
+                ", stamps, deleted_at FROM projects WHERE id = ANY($1) FOR UPDATE"
+            ),
+            (Entity::Project, Lock::Share) => concat!(
+                "SELECT ",
+                project_columns!(),
+                ", stamps, deleted_at FROM projects WHERE id = ANY($1) FOR SHARE"
+            ),
+        };
+        let stmt = tx.prepare_cached(sql).await.map_err(|e| self.fail(e))?;
+        let found = tx.query(&stmt, &[&ids]).await.map_err(|e| self.fail(e))?;
+        let mut stored = Vec::with_capacity(found.len());
+        for row in &found {
+            let stamps = |i: usize| row.get::<_, Json<BTreeMap<String, Stamp>>>(i).0;
+            stored.push(match entity {
+                Entity::User => {
+                    let u = user_from(row, &keys)?;
+                    let values = rows::user_fields(&u);
+                    rows::Stored {
+                        entity,
+                        id: u.id,
+                        owner: u.id,
+                        clock: u.vclock,
+                        values,
+                        stamps: stamps(10),
+                        losers: vec![],
+                        updated_at: u.updated_at,
+                    }
+                }
+                Entity::Profile => {
+                    let p = profile_from(row);
+                    let values = rows::profile_fields(&p);
+                    rows::Stored {
+                        entity,
+                        id: p.id,
+                        owner: p.user_id,
+                        clock: p.vclock,
+                        values,
+                        stamps: stamps(9),
+                        losers: vec![],
+                        updated_at: p.updated_at,
+                    }
+                }
+                Entity::Project => {
+                    let p = project_from(row);
+                    let mut values = rows::project_fields(&p);
+                    let deleted: Option<chrono::DateTime<chrono::Utc>> = row.get(9);
+                    values.insert(rules::DELETED.into(), Value::Bool(deleted.is_some()));
+                    rows::Stored {
+                        entity,
+                        id: p.id,
+                        owner: p.creator_id,
+                        clock: p.vclock,
+                        values,
+                        stamps: stamps(8),
+                        losers: vec![],
+                        updated_at: p.updated_at,
+                    }
+                }
+            });
+        }
+        let mut losers = self.open_losers(tx, ids).await?;
+        Ok(stored
+            .into_iter()
+            .map(|mut s| {
+                s.losers = losers.remove(&s.id).unwrap_or_default();
+                (s.id, rows::state_from_stored(s))
+            })
+            .collect())
+    }
+
+    /// The losing values of the open conflicts of rows, by row.
+    async fn open_losers(
+        &self,
+        tx: &Transaction<'_>,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<(String, Sibling)>>, StoreError> {
         let stmt = tx
             .prepare_cached(
-                "SELECT field, loser_node, loser_counter, loser_hlc, loser_value FROM conflicts
-                 WHERE row_id = $1 AND resolved_at IS NULL",
+                "SELECT row_id, field, loser_node, loser_counter, loser_hlc, loser_value FROM conflicts
+                 WHERE row_id = ANY($1) AND resolved_at IS NULL",
             )
             .await
             .map_err(|e| self.fail(e))?;
-        let found = tx.query(&stmt, &[&id]).await.map_err(|e| self.fail(e))?;
-        Ok(found
-            .iter()
-            .map(|r| {
-                let stamp = Stamp {
-                    dot: rules::Dot { node: r.get(1), counter: r.get::<_, i64>(2) as u64 },
-                    hlc: r.get::<_, i64>(3) as u64,
-                };
-                (r.get(0), Sibling { stamp, value: r.get(4) })
-            })
-            .collect())
+        let found = tx.query(&stmt, &[&ids]).await.map_err(|e| self.fail(e))?;
+        let mut out: HashMap<Uuid, Vec<(String, Sibling)>> = HashMap::new();
+        for r in &found {
+            let stamp = Stamp {
+                dot: rules::Dot { node: r.get(2), counter: r.get::<_, i64>(3) as u64 },
+                hlc: r.get::<_, i64>(4) as u64,
+            };
+            out.entry(r.get(0)).or_default().push((r.get(1), Sibling { stamp, value: r.get(5) }));
+        }
+        Ok(out)
     }
 
     /// Writes a state decided by the rules (insert or update), its conflicts, and queues
@@ -372,86 +444,137 @@ impl Db {
     /// the rules, written with its conflicts and a change-log entry under this node's
     /// sequence. States whose user is not here yet wait in `pending_states`; a user that
     /// arrives brings in what waited for it. Malformed states are refused one by one.
+    ///
+    /// Reads are batched (one statement per entity for the rows, one for their conflicts,
+    /// one for the users the batch depends on), merges run in memory, and the writes are
+    /// sent together (pipelined on the connection), so a batch costs a few round trips,
+    /// not a few per state.
     pub async fn apply_remote(&self, states: Vec<RemoteState>) -> Result<RemoteApplied, StoreError> {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         let mut report = RemoteApplied::default();
-        let mut changes = Vec::with_capacity(states.len());
+        let mut batch = Batch::default();
+
         let mut queue: std::collections::VecDeque<RemoteState> = states.into();
-        while let Some(remote) = queue.pop_front() {
-            let RemoteState { state, origin_seq } = remote;
-            if let Err(e) = state
-                .validate()
-                .and_then(|()| rows::check_complete(&state).map_err(|e| Refused::Malformed(e.to_string())))
-            {
-                slog_scope::warn!("row state from a peer refused"; "entity" => state.entity.as_str(), "id" => %state.id, "error" => %e);
-                report.refused += 1;
-                continue;
-            }
-            let stored = self.load(&tx, state.entity, state.id).await?;
-            if stored.is_none() && state.entity != Entity::User && !self.user_exists(&tx, state.owner).await? {
-                self.wait_for_user(&tx, &state).await?;
-                report.waiting += 1;
-                continue;
-            }
-            let applied = match rules::merge(stored.as_ref(), &state) {
-                Ok(a) => a,
-                Err(e) => {
-                    slog_scope::warn!("row state from a peer refused"; "entity" => state.entity.as_str(), "id" => %state.id, "error" => %e);
+        while !queue.is_empty() {
+            // One round: every state queued now (those a new user brings in come next round).
+            let round: Vec<RemoteState> = queue.drain(..).collect();
+            self.prefetch(&tx, &round, &mut batch).await?;
+            for RemoteState { state, origin_seq } in round {
+                let valid = state
+                    .validate()
+                    .and_then(|()| rows::check_complete(&state).map_err(|e| Refused::Malformed(e.to_string())));
+                if let Err(e) = valid {
+                    slog_scope::warn!("row state from a peer refused"; "entity" => state.entity.as_str(),
+                                      "id" => %state.id, "error" => %e);
                     report.refused += 1;
                     continue;
                 }
-            };
-            let _ = self
-                .env
-                .hlc
-                .update_with_timestamp(&uhlc::Timestamp::new(uhlc::NTP64(state.last_hlc()), *self.env.hlc.get_id()));
-            if applied.outcome == Outcome::Stale {
-                report.stale += 1;
-                continue;
-            }
-            if applied.outcome == Outcome::Merged {
-                report.merged += 1;
-            }
-            report.applied += 1;
-            report.conflicts_opened += applied.opened.len();
-            self.store(&tx, &applied).await?;
-            if state.entity == Entity::User {
-                let user = rows::user(&applied.state).map_err(unreadable)?;
-                let before = match &stored {
-                    Some(s) => Some(rows::user(s).map_err(unreadable)?),
-                    None => None,
+                let key = (state.entity, state.id);
+                let stored = batch.current.get(&key).cloned().flatten();
+                if stored.is_none() && state.entity != Entity::User && !batch.users.contains(&state.owner) {
+                    self.wait_for_user(&tx, &state).await?;
+                    report.waiting += 1;
+                    continue;
+                }
+                let applied = match rules::merge(stored.as_ref(), &state) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        slog_scope::warn!("row state from a peer refused"; "entity" => state.entity.as_str(),
+                                          "id" => %state.id, "error" => %e);
+                        report.refused += 1;
+                        continue;
+                    }
                 };
+                let _ = self.env.hlc.update_with_timestamp(&uhlc::Timestamp::new(
+                    uhlc::NTP64(state.last_hlc()),
+                    *self.env.hlc.get_id(),
+                ));
+                if applied.outcome == Outcome::Stale {
+                    report.stale += 1;
+                    continue;
+                }
+                if applied.outcome == Outcome::Merged {
+                    report.merged += 1;
+                }
+                report.applied += 1;
+                report.conflicts_opened += applied.opened.len();
+                if state.entity == Entity::User && stored.is_none() {
+                    batch.users.insert(state.id);
+                    queue.extend(self.take_waiting(&tx, state.id).await?);
+                }
+                let op = match (&stored, applied.state.is_deleted()) {
+                    (None, false) => Op::Create,
+                    (Some(old), true) if !old.is_deleted() => Op::Delete,
+                    (None, true) => Op::Delete,
+                    _ => Op::Update,
+                };
+                let origin = applied.state.newest().map(|s| s.dot.node.clone()).unwrap_or_default();
+                let mut change = NewChange::of(op, &applied.state)?;
+                change.origin = Some((origin, origin_seq));
+                change.conflicts = applied.opened.iter().map(note).collect();
+                batch.changes.push(change);
+                batch.current.insert(key, Some(applied.state));
+                if !batch.touched.contains(&key) {
+                    batch.touched.push(key);
+                }
+            }
+        }
+        // The final state of every row the batch changed, against what was stored.
+        let mut finals = Vec::with_capacity(batch.touched.len());
+        for key in &batch.touched {
+            let Some(Some(state)) = batch.current.get(key) else { continue };
+            let original = batch.original.get(key).cloned().flatten();
+            if key.0 == Entity::User {
+                let user = rows::user(state).map_err(unreadable)?;
+                let before = original.as_ref().map(rows::user).transpose().map_err(unreadable)?;
                 let before = before.map(|b| (b.username, b.email));
                 if before.as_ref() != Some(&(user.username.clone(), user.email.clone())) {
                     report.users.push((user, before));
                 }
-                queue.extend(self.take_waiting(&tx, state.id).await?);
             }
-            let op = match (&stored, applied.state.is_deleted()) {
-                (None, false) => Op::Create,
-                (Some(old), true) if !old.is_deleted() => Op::Delete,
-                (None, true) => Op::Delete,
-                _ => Op::Update,
-            };
-            let origin = applied.state.newest().map(|s| s.dot.node.clone()).unwrap_or_default();
-            let mut change = NewChange::of(op, &applied.state)?;
-            change.origin = Some((origin, origin_seq));
-            change.conflicts = applied.opened.iter().map(note).collect();
-            changes.push(change);
+            finals.push(rules::superseding(original.as_ref(), state.clone()));
         }
+        futures_util::future::try_join_all(finals.iter().map(|a| self.store(&tx, a))).await?;
         // Test builds: `FAILPOINTS=apply-remote-commit=1*sleep(60000)` holds the first batch
         // here, rows written and uncommitted, so a test can kill the node mid-batch.
         fail::fail_point!("apply-remote-commit");
-        let pending = self.log_changes(&tx, changes).await?;
+        let pending = self.log_changes(&tx, std::mem::take(&mut batch.changes)).await?;
         tx.commit().await.map_err(|e| self.fail(e))?;
         pending.committed();
         Ok(report)
     }
 
-    async fn user_exists(&self, tx: &Transaction<'_>, id: Uuid) -> Result<bool, StoreError> {
-        let row = tx.query_opt("SELECT 1 FROM users WHERE id = $1", &[&id]).await.map_err(|e| self.fail(e))?;
-        Ok(row.is_some())
+    /// Reads, in a few statements, what a round of states needs: the stored rows it
+    /// touches and whether the users it depends on are here.
+    async fn prefetch(&self, tx: &Transaction<'_>, round: &[RemoteState], batch: &mut Batch) -> Result<(), StoreError> {
+        for entity in [Entity::User, Entity::Profile, Entity::Project] {
+            let ids: Vec<Uuid> = round
+                .iter()
+                .filter(|r| r.state.entity == entity && !batch.current.contains_key(&(entity, r.state.id)))
+                .map(|r| r.state.id)
+                .collect();
+            let mut found = self.load_many(tx, entity, &ids, Lock::Update).await?;
+            for id in ids {
+                let state = found.remove(&id);
+                if entity == Entity::User && state.is_some() {
+                    batch.users.insert(id);
+                }
+                batch.original.insert((entity, id), state.clone());
+                batch.current.insert((entity, id), state);
+            }
+        }
+        let owners: Vec<Uuid> = round
+            .iter()
+            .filter(|r| r.state.entity != Entity::User && !batch.users.contains(&r.state.owner))
+            .map(|r| r.state.owner)
+            .collect();
+        if !owners.is_empty() {
+            let found =
+                tx.query("SELECT id FROM users WHERE id = ANY($1)", &[&owners]).await.map_err(|e| self.fail(e))?;
+            batch.users.extend(found.iter().map(|r| r.get::<_, Uuid>(0)));
+        }
+        Ok(())
     }
 
     /// Keeps a state until its user arrives (merged with what already waits for the row).
@@ -501,17 +624,16 @@ impl Db {
             .collect())
     }
 
-    /// Reads the current states of the given rows (for a peer that lacks them). Rows not
-    /// here (any more) are left out.
+    /// Reads the current states of the given rows (for a peer that lacks them), each row
+    /// with its conflicts read whole (shared locks for the read). Rows not here (any more)
+    /// are left out.
     pub async fn states_of(&self, rows: Vec<(Entity, Uuid)>) -> Result<Vec<RowState>, StoreError> {
         let mut client = self.client().await?;
-        // A read-only transaction: `load` locks, which keeps each row whole while read.
         let tx = self.begin(&mut client).await?;
         let mut out = Vec::with_capacity(rows.len());
-        for (entity, id) in rows {
-            if let Some(s) = self.load(&tx, entity, id).await? {
-                out.push(s);
-            }
+        for entity in [Entity::User, Entity::Profile, Entity::Project] {
+            let ids: Vec<Uuid> = rows.iter().filter(|(e, _)| *e == entity).map(|(_, id)| *id).collect();
+            out.extend(self.load_many(&tx, entity, &ids, Lock::Share).await?.into_values());
         }
         tx.commit().await.map_err(|e| self.fail(e))?;
         Ok(out)
