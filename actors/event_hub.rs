@@ -30,9 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::actors::shard::StoreError;
 use crate::actors::shards::Shards;
 use crate::model::{ChangeEvent, Entity};
-use crate::problem::StoreError;
 use crate::sequencer::Sequencer;
 
 /// How many change-log rows a replay reads per request.

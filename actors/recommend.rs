@@ -24,9 +24,9 @@ use slog_scope::{info, warn};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::actors::shard::StoreError;
 use crate::actors::shard::{RecoActivate, RecoDiscardStale, RecoFeatures, RecoState, RecoWrite};
 use crate::actors::shards::Shards;
-use crate::problem::StoreError;
 use crate::similarity::{Mode, Model, Params, SharedFeature, UserFeatures};
 
 /// Users whose rows go to a shard in one transaction.

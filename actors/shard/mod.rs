@@ -20,6 +20,7 @@
 //! reports its sequence numbers void, in bounded time.
 
 mod db;
+mod error;
 pub mod migrate;
 
 use std::sync::Arc;
@@ -38,10 +39,10 @@ pub use db::{
     ConflictCursor, ConflictQuery, DirEntry, DirKind, KEY_CHECK_FAILED, ProjectQuery, RemoteApplied, RemoteState,
     ShardEnv, SyncCounts, UserChange,
 };
+pub use error::StoreError;
 
 use crate::actors::event_hub::Report;
 use crate::model::{ChangeEvent, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
-use crate::problem::StoreError;
 use crate::sealing::KeyCheck;
 
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -312,7 +313,7 @@ impl Handler<Health> for ShardActor {
 async fn detached<T: Send + 'static>(
     fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::spawn(fut).await.map_err(|e| StoreError::Database(format!("shard task failed: {e}")))?
+    tokio::spawn(fut).await.map_err(|e| StoreError::Task(Arc::new(e)))?
 }
 
 /// Runs `fut` detached and waits at most `timeout` for it: past that the caller gets

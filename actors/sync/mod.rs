@@ -30,9 +30,9 @@ use utoipa::ToSchema;
 use self::protocol::{GossipBatch, Request, Response};
 use self::reconcile::{ROWS_PER_REQUEST, Served, ServedSessions, SessionError, SessionStats, Snapshot, Transport};
 use crate::actors::peer::{PeerActor, Publish, SyncRequest, SyncRespond};
+use crate::actors::shard::StoreError;
 use crate::actors::shard::{RemoteApplied, RemoteState};
 use crate::actors::shards::Shards;
-use crate::problem::StoreError;
 use crate::replication::netkey::{Kind, NetworkKeys};
 use crate::replication::rules::RowState;
 

@@ -13,8 +13,8 @@ use tokio_postgres::types::Json;
 use uuid::Uuid;
 
 use super::{Db, NewChange, profile_from, project_from, user_from};
+use crate::actors::shard::StoreError;
 use crate::model::{ConflictNote, ConflictValue, ConflictView, Entity, Op, UserRow};
-use crate::problem::StoreError;
 use crate::replication::rows;
 use crate::replication::rules::{self, Applied, Conflict, Outcome, Refused, RowState, Sibling, Stamp};
 use crate::sealing::email_context;
@@ -80,7 +80,7 @@ impl From<Refused> for StoreError {
             Refused::Forbidden(what) => StoreError::Forbidden(what),
             Refused::Exists(what) => StoreError::Conflict(format!("the {what} already exists")),
             Refused::PreconditionFailed => StoreError::PreconditionFailed,
-            Refused::Malformed(why) => StoreError::Database(why),
+            Refused::Malformed(why) => StoreError::Corrupt(why),
         }
     }
 }
@@ -105,10 +105,6 @@ fn table(entity: Entity) -> &'static str {
         Entity::Profile => "profiles",
         Entity::Project => "projects",
     }
-}
-
-fn unreadable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Database(format!("stored row does not read as a state: {e}"))
 }
 
 impl Db {
@@ -215,7 +211,7 @@ impl Db {
         let clock = Json(&s.clock);
         match s.entity {
             Entity::User => {
-                let u = rows::user(s).map_err(unreadable)?;
+                let u = rows::user(s)?;
                 let email = self.env.keys.get().seal(u.email.as_bytes(), &email_context(&u.id));
                 let stmt = tx
                     .prepare_cached(concat!(
@@ -249,7 +245,7 @@ impl Db {
                 .map_err(|e| self.fail(e))?;
             }
             Entity::Profile => {
-                let p = rows::profile(s).map_err(unreadable)?;
+                let p = rows::profile(s)?;
                 let stmt = tx
                     .prepare_cached(concat!(
                         "INSERT INTO profiles (",
@@ -280,7 +276,7 @@ impl Db {
                 .map_err(|e| self.fail(e))?;
             }
             Entity::Project => {
-                let p = rows::project(s).map_err(unreadable)?;
+                let p = rows::project(s)?;
                 let deleted_at =
                     s.is_deleted().then(|| s.stamp(rules::DELETED).map(|st| rules::hlc_datetime(st.hlc))).flatten();
                 let stmt = tx
@@ -417,9 +413,9 @@ impl Db {
             report.conflicts_opened += applied.opened.len();
             self.store(&tx, &applied).await?;
             if state.entity == Entity::User {
-                let user = rows::user(&applied.state).map_err(unreadable)?;
+                let user = rows::user(&applied.state)?;
                 let before = match &stored {
-                    Some(s) => Some(rows::user(s).map_err(unreadable)?),
+                    Some(s) => Some(rows::user(s)?),
                     None => None,
                 };
                 let before = before.map(|b| (b.username, b.email));
@@ -477,7 +473,7 @@ impl Db {
                 return Ok(());
             }
         }
-        let json = serde_json::to_value(&merged).map_err(|e| StoreError::Database(e.to_string()))?;
+        let json = serde_json::to_value(&merged)?;
         tx.execute(
             "INSERT INTO pending_states (entity, row_id, owner_id, state) VALUES ($1, $2, $3, $4)
              ON CONFLICT (entity, row_id) DO UPDATE SET state = $4",
@@ -562,7 +558,7 @@ impl Db {
                 let resolved_at: Option<chrono::DateTime<chrono::Utc>> = r.get(12);
                 Ok(ConflictView {
                     entity: Entity::parse(&entity)
-                        .ok_or_else(|| StoreError::Database(format!("unknown entity {entity:?} in conflicts")))?,
+                        .ok_or_else(|| StoreError::Corrupt(format!("unknown entity {entity:?} in conflicts")))?,
                     row_id: r.get(1),
                     field: r.get(2),
                     loser: value(r, 3),
