@@ -369,7 +369,7 @@ impl Shards {
         user_id: Uuid,
         mode: crate::similarity::Mode,
         limit: usize,
-    ) -> Result<Option<(crate::actors::recommend::RunRecord, Vec<crate::actors::recommend::RecoRow>)>, StoreError> {
+    ) -> Result<Option<(crate::similarity::RunRecord, Vec<crate::similarity::RecoRow>)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.ask_for(&user_id, crate::actors::shard::RecoForUser { user_id, mode, limit }).await
     }

@@ -16,10 +16,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
-use super::{ConnectionLost, ShardActor};
-use crate::actors::event_hub::{EventHub, Report};
-use crate::actors::shard::StoreError;
-use crate::actors::sync::{LocalChange, Published};
+use super::{ConnectionLost, ShardActor, StoreError};
+use crate::changes::{LocalChange, Published, Report};
 use crate::model::{ChangeEvent, Entity, Op, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
 use crate::replication::rows;
 use crate::replication::rules::{self, RowState, Write, WriteCtx};
@@ -31,7 +29,7 @@ use crate::vclock::VectorClock;
 pub struct ShardEnv {
     pub node_id: String,
     pub sequencer: Arc<Sequencer>,
-    pub hub: Addr<EventHub>,
+    pub hub: actix::Recipient<Report>,
     /// The data keys that seal sensitive columns.
     pub keys: Arc<SharedKeyring>,
     /// The node's hybrid logical clock: the time of every write.
@@ -84,7 +82,7 @@ pub struct ProjectQuery {
 /// Sequence numbers allocated inside a transaction: reported committed after COMMIT,
 /// or void if the transaction ends any other way (including an early return or drop).
 struct PendingChanges {
-    hub: Addr<EventHub>,
+    hub: actix::Recipient<Report>,
     events: Vec<ChangeEvent>,
     /// Local changes to publish once committed (remote ones are not published again).
     local: Vec<LocalChange>,
@@ -952,7 +950,7 @@ fn gid_literal(gid: &str) -> Result<&str, StoreError> {
 
 // ----- recommendations (RecommendActor's batch; see schema/0003_recommendations.sql) ----
 
-use crate::actors::recommend::{RecoInput, RecoRow, RunRecord};
+use crate::similarity::{RecoInput, RecoRow, RunRecord};
 
 impl Db {
     /// Every user of this shard with the features the similarity model reads.
