@@ -140,14 +140,9 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(shard) => {
                 ApiError::Unavailable(format!("shard {shard} is unavailable; the node is reconnecting, retry shortly"))
             }
-            // Its text, not its whole chain: a PostgreSQL error's DETAIL may quote a row.
-            StoreError::Database(_)
-            | StoreError::Sealing(_)
-            | StoreError::Unreadable(_)
-            | StoreError::Corrupt(_)
-            | StoreError::Json(_)
-            | StoreError::Sequence(_)
-            | StoreError::Task(_) => ApiError::Internal(e.to_string()),
+            // Every other failure is the node's or its data's, not the request's. Its text,
+            // not its whole chain: a PostgreSQL error's DETAIL may quote a row.
+            _ => ApiError::Internal(e.to_string()),
         }
     }
 }
