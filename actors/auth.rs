@@ -27,18 +27,43 @@ use slog_scope::{info, warn};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::actors::shard::StoreError;
 use crate::actors::shard::{PasswordChanges, PruneRevocations, Revocations, RevokeToken};
 use crate::actors::shards::Shards;
 use crate::login_limit::LoginLimiter;
 use crate::model::TokenResponse;
 use crate::placement::Router;
-use crate::problem::ApiError;
 
 /// Seconds of clock skew tolerated when checking `exp`, `nbf` and `iat`.
 const LEEWAY_SECS: u64 = 5;
 
 /// How often expired revocations are deleted from the shards.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Why the AuthActor or the token verifier refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The token or the credentials are not accepted; the text says which check failed.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The revocations of the token's user are not loaded yet (their shard is starting).
+    #[error("token revocations for this user are not loaded yet")]
+    RevocationsNotLoaded,
+    /// Too many failed logins from this address or for this username.
+    #[error("too many failed logins; wait before trying again")]
+    TooManyAttempts { retry_after: Duration },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("bcrypt: {0}")]
+    Hashing(#[source] bcrypt::BcryptError),
+    /// A bcrypt job on the blocking pool ended without an answer.
+    #[error("password task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("password gate closed")]
+    GateClosed,
+    #[error("cannot sign token: {0}")]
+    Signing(#[source] jsonwebtoken::errors::Error),
+}
 
 /// The claims of an access token.
 #[derive(Debug, Serialize, Deserialize)]
@@ -143,8 +168,8 @@ impl TokenVerifier {
     }
 
     /// Verifies an access token: signature (HS256 only), time claims, revocation.
-    pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
-        let invalid = || ApiError::Unauthorized("the access token is invalid or expired".into());
+    pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let invalid = || AuthError::Unauthorized("the access token is invalid or expired");
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
             warn!("access token rejected"; "reason" => format!("{:?}", e.kind()));
             invalid()
@@ -156,17 +181,15 @@ impl TokenVerifier {
         }
         let set = self.read();
         if !set.loaded.get(self.router.shard_of(&claims.sub)).copied().unwrap_or(false) {
-            return Err(ApiError::Unavailable("token revocations for this user are not loaded yet".into()));
+            return Err(AuthError::RevocationsNotLoaded);
         }
         if set.jtis.contains_key(&claims.jti) {
             warn!("access token rejected"; "reason" => "revoked", "user_id" => %claims.sub);
-            return Err(ApiError::Unauthorized("the access token has been revoked".into()));
+            return Err(AuthError::Unauthorized("the access token has been revoked"));
         }
         if set.password_changed.get(&claims.sub).is_some_and(|changed| claims.pwd < *changed) {
             warn!("access token rejected"; "reason" => "issued before a password change", "user_id" => %claims.sub);
-            return Err(ApiError::Unauthorized(
-                "the password has changed since this token was issued; log in again".into(),
-            ));
+            return Err(AuthError::Unauthorized("the password has changed since this token was issued; log in again"));
         }
         Ok(Caller { user_id: claims.sub, jti: claims.jti, expires_at: claims.exp })
     }
@@ -180,13 +203,16 @@ pub struct AuthActor {
     restarts: u32,
 }
 
-async fn bcrypt_work<T: Send + 'static>(keys: &Keys, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    let _permit = keys.gate.acquire().await.map_err(|_| ApiError::Internal("password gate closed".into()))?;
+async fn bcrypt_work<T: Send + 'static>(
+    keys: &Keys,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AuthError> {
+    let _permit = keys.gate.acquire().await.map_err(|_| AuthError::GateClosed)?;
     let work = move || {
         hold_for_test();
         work()
     };
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::Internal(format!("password task failed: {e}")))
+    tokio::task::spawn_blocking(work).await.map_err(AuthError::Task)
 }
 
 /// Test builds only (`--features failpoints`): `FAILPOINTS=password-work=return(<file>)`
@@ -247,7 +273,7 @@ impl AuthActor {
         let load = async move {
             let revoked = shards.ask(shard, Revocations {}).await?;
             let changed = shards.ask(shard, PasswordChanges { since }).await?;
-            Ok::<_, crate::problem::StoreError>((revoked, changed))
+            Ok::<_, StoreError>((revoked, changed))
         };
         ctx.spawn(load.into_actor(self).map(move |res, act, ctx| match res {
             Ok((revoked, changed)) => {
@@ -314,25 +340,23 @@ impl Supervised for AuthActor {
 
 /// Hashes a new password (bcrypt, configured cost).
 #[derive(Message)]
-#[rtype(result = "Result<String, ApiError>")]
+#[rtype(result = "Result<String, AuthError>")]
 pub struct HashPassword(pub String);
 
 impl Handler<HashPassword> for AuthActor {
-    type Result = ResponseFuture<Result<String, ApiError>>;
+    type Result = ResponseFuture<Result<String, AuthError>>;
     fn handle(&mut self, msg: HashPassword, _: &mut Self::Context) -> Self::Result {
         let keys = self.keys.clone();
         Box::pin(async move {
             let cost = keys.cost;
-            bcrypt_work(&keys, move || bcrypt::hash(msg.0, cost))
-                .await?
-                .map_err(|e| ApiError::Internal(format!("bcrypt: {e}")))
+            bcrypt_work(&keys, move || bcrypt::hash(msg.0, cost)).await?.map_err(AuthError::Hashing)
         })
     }
 }
 
 /// Checks a username and password; issues an access token.
 #[derive(Message)]
-#[rtype(result = "Result<TokenResponse, ApiError>")]
+#[rtype(result = "Result<TokenResponse, AuthError>")]
 pub struct Login {
     pub username: String,
     pub password: String,
@@ -340,15 +364,8 @@ pub struct Login {
     pub client: IpAddr,
 }
 
-fn too_many(wait: Duration) -> ApiError {
-    ApiError::TooManyRequests(
-        "too many failed logins; wait before trying again".into(),
-        wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-    )
-}
-
 impl Handler<Login> for AuthActor {
-    type Result = ResponseFuture<Result<TokenResponse, ApiError>>;
+    type Result = ResponseFuture<Result<TokenResponse, AuthError>>;
     fn handle(&mut self, msg: Login, _: &mut Self::Context) -> Self::Result {
         let keys = self.keys.clone();
         let shards = self.shards.clone();
@@ -356,7 +373,7 @@ impl Handler<Login> for AuthActor {
             let Login { username, password, client } = msg;
             if let Err(wait) = keys.limiter.check(client, &username) {
                 warn!("login refused: too many failures"; "username" => &username, "client" => %client);
-                return Err(too_many(wait));
+                return Err(AuthError::TooManyAttempts { retry_after: wait });
             }
             let user = shards.user_by_username(&username).await?;
             let (hash, user) = match user {
@@ -371,15 +388,17 @@ impl Handler<Login> for AuthActor {
                 }
                 _ => {
                     warn!("login failed"; "username" => &username, "client" => %client);
-                    keys.limiter.failed(client, &username).map_err(too_many)?;
-                    Err(ApiError::Unauthorized("invalid username or password".into()))
+                    keys.limiter
+                        .failed(client, &username)
+                        .map_err(|wait| AuthError::TooManyAttempts { retry_after: wait })?;
+                    Err(AuthError::Unauthorized("invalid username or password"))
                 }
             }
         })
     }
 }
 
-fn issue(keys: &Keys, user_id: Uuid, password_changed: i64) -> Result<TokenResponse, ApiError> {
+fn issue(keys: &Keys, user_id: Uuid, password_changed: i64) -> Result<TokenResponse, AuthError> {
     let now = Utc::now().timestamp();
     let claims = Claims {
         sub: user_id,
@@ -389,18 +408,18 @@ fn issue(keys: &Keys, user_id: Uuid, password_changed: i64) -> Result<TokenRespo
         jti: Uuid::now_v7(),
         pwd: password_changed,
     };
-    let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding)
-        .map_err(|e| ApiError::Internal(format!("cannot sign token: {e}")))?;
+    let token =
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding).map_err(AuthError::Signing)?;
     Ok(TokenResponse { access_token: token, token_type: "Bearer".into(), expires_in: keys.ttl_secs })
 }
 
 /// Revokes the caller's token (logout); persisted before it answers.
 #[derive(Message)]
-#[rtype(result = "Result<(), ApiError>")]
+#[rtype(result = "Result<(), AuthError>")]
 pub struct Revoke(pub Caller);
 
 impl Handler<Revoke> for AuthActor {
-    type Result = ResponseActFuture<Self, Result<(), ApiError>>;
+    type Result = ResponseActFuture<Self, Result<(), AuthError>>;
     fn handle(&mut self, msg: Revoke, _: &mut Self::Context) -> Self::Result {
         let shards = self.shards.clone();
         let caller = msg.0;
@@ -481,7 +500,7 @@ mod tests {
         let old = sign(Algorithm::HS256, &claims(user, 1_000), &secret);
         let new = sign(Algorithm::HS256, &claims(user, 2_000), &secret);
         v.write().password_changed.insert(user, 2_000);
-        assert!(matches!(v.verify(&old), Err(ApiError::Unauthorized(_))));
+        assert!(matches!(v.verify(&old), Err(AuthError::Unauthorized(_))));
         assert!(v.verify(&new).is_ok());
         let mut missing = claims(user, 0);
         missing.as_object_mut().unwrap().remove("pwd");

@@ -30,9 +30,10 @@ use tokio::sync::{mpsc, oneshot};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::actors::shard::StoreError;
 use crate::actors::shards::Shards;
+pub use crate::changes::Report;
 use crate::model::{ChangeEvent, Entity};
-use crate::problem::StoreError;
 use crate::sequencer::Sequencer;
 
 /// How many change-log rows a replay reads per request.
@@ -41,17 +42,6 @@ const REPLAY_PAGE: i64 = 500;
 const STALL_CHECK: Duration = Duration::from_secs(5);
 /// How long delivery may wait on one number before the hub warns (once per stall).
 const STALL_WARN_AFTER: Duration = Duration::from_secs(10);
-
-/// What a shard tells the hub about a sequence number it allocated: exactly one report
-/// per number (see `crate::sequencer`).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub enum Report {
-    /// The change committed.
-    Committed(ChangeEvent),
-    /// These numbers will never carry a change.
-    Void(Range<i64>),
-}
 
 // ---------------------------------------------------------------------------------------
 // Reordering (pure)

@@ -18,13 +18,22 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use slog_scope::{info, warn};
 
+use crate::actors::shard::StoreError;
 use crate::actors::shard::{KeyUsage, RegisterKeys, ResealBatch};
 use crate::actors::shards::Shards;
-use crate::problem::ApiError;
 use crate::sealing::{KeyCheck, SharedKeyring};
 
 /// How long the pass waits before retrying a shard that is unavailable.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// Why a rotation or a status request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write the key file: {0}")]
+    KeyFile(#[source] std::io::Error),
+}
 
 /// Progress of a re-sealing pass.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -141,7 +150,7 @@ impl Actor for KeyActor {
 }
 
 /// Rows on every shard sealed under another key than `current`.
-async fn rows_left(shards: &Shards, current: i32) -> Result<u64, ApiError> {
+async fn rows_left(shards: &Shards, current: i32) -> Result<u64, KeyError> {
     let mut left = 0;
     for usage in shards.each(|_| KeyUsage {}).await {
         left += usage?.iter().filter(|(k, _)| *k != current).map(|(_, n)| *n as u64).sum::<u64>();
@@ -150,7 +159,7 @@ async fn rows_left(shards: &Shards, current: i32) -> Result<u64, ApiError> {
 }
 
 /// `rows_left`, asked again after a pause until every shard answers; `failed` hears why not.
-async fn rows_left_retrying(shards: &Shards, current: i32, failed: impl Fn(&ApiError)) -> u64 {
+async fn rows_left_retrying(shards: &Shards, current: i32, failed: impl Fn(&KeyError)) -> u64 {
     loop {
         match rows_left(shards, current).await {
             Ok(left) => return left,
@@ -165,11 +174,11 @@ async fn rows_left_retrying(shards: &Shards, current: i32, failed: impl Fn(&ApiE
 /// Introduce a new data key and re-seal every row with it; if a rotation is unfinished,
 /// continue that one instead of adding another key.
 #[derive(Message)]
-#[rtype(result = "Result<KeyStatus, ApiError>")]
+#[rtype(result = "Result<KeyStatus, KeyError>")]
 pub struct Rotate;
 
 impl Handler<Rotate> for KeyActor {
-    type Result = ResponseActFuture<Self, Result<KeyStatus, ApiError>>;
+    type Result = ResponseActFuture<Self, Result<KeyStatus, KeyError>>;
 
     fn handle(&mut self, _: Rotate, _: &mut Self::Context) -> Self::Result {
         let (shards, current) = (self.shards.clone(), self.keys.get().current());
@@ -203,17 +212,16 @@ impl Handler<Rotate> for KeyActor {
 
 impl KeyActor {
     /// Adds a new current data key: written to the key file before anything is sealed with it.
-    fn add_key(&mut self) -> Result<Vec<KeyCheck>, ApiError> {
+    fn add_key(&mut self) -> Result<Vec<KeyCheck>, KeyError> {
         let next = self.keys.get().rotated();
-        crate::secrets::write_private(&self.key_file, &next.to_file())
-            .map_err(|e| ApiError::Internal(format!("cannot write the key file: {e}")))?;
+        crate::secrets::write_private(&self.key_file, &next.to_file()).map_err(KeyError::KeyFile)?;
         let checks = next.checks();
         info!("new data key"; "key_id" => next.current());
         self.keys.replace(next);
         Ok(checks)
     }
 
-    fn status(&self) -> impl Future<Output = Result<KeyStatus, ApiError>> + use<> {
+    fn status(&self) -> impl Future<Output = Result<KeyStatus, KeyError>> + use<> {
         let ring = self.keys.get();
         let (shards, key_file, reseal) = (self.shards.clone(), self.key_file.clone(), self.progress());
         async move {
@@ -236,11 +244,11 @@ impl KeyActor {
 
 /// The keys, the rows under each, and the re-sealing pass.
 #[derive(Message)]
-#[rtype(result = "Result<KeyStatus, ApiError>")]
+#[rtype(result = "Result<KeyStatus, KeyError>")]
 pub struct GetKeyStatus;
 
 impl Handler<GetKeyStatus> for KeyActor {
-    type Result = ResponseFuture<Result<KeyStatus, ApiError>>;
+    type Result = ResponseFuture<Result<KeyStatus, KeyError>>;
 
     fn handle(&mut self, _: GetKeyStatus, _: &mut Self::Context) -> Self::Result {
         Box::pin(self.status())

@@ -24,10 +24,10 @@ use slog_scope::{info, warn};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::actors::shard::{RecoActivate, RecoDiscardStale, RecoFeatures, RecoState, RecoWrite};
+use crate::actors::shard::{RecoActivate, RecoDiscardStale, RecoFeatures, RecoState, RecoWrite, StoreError};
 use crate::actors::shards::Shards;
-use crate::problem::StoreError;
-use crate::similarity::{Mode, Model, Params, SharedFeature, UserFeatures};
+use crate::similarity::{Mode, Model, Params, UserFeatures};
+pub use crate::similarity::{RecoInput, RecoRow, RunRecord};
 
 /// Users whose rows go to a shard in one transaction.
 const WRITE_BATCH_USERS: usize = 250;
@@ -35,38 +35,6 @@ const WRITE_BATCH_USERS: usize = 250;
 /// How often, and how long apart, the last run is asked of shards that are still starting.
 const LOAD_ATTEMPTS: u32 = 60;
 const LOAD_RETRY: Duration = Duration::from_secs(1);
-
-/// A user as the batch reads them from their shard.
-#[derive(Debug, Clone)]
-pub struct RecoInput {
-    pub user_id: Uuid,
-    pub username: String,
-    pub skills: Vec<String>,
-    pub interests: Vec<String>,
-}
-
-/// One stored neighbour of one user in one mode.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecoRow {
-    pub user_id: Uuid,
-    pub mode: Mode,
-    /// 1 = best.
-    pub rank: i16,
-    pub neighbour_id: Uuid,
-    pub username: String,
-    pub score: f64,
-    pub shared: Vec<SharedFeature>,
-}
-
-/// What a shard records about the run it serves.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunRecord {
-    pub generation: i64,
-    pub computed_at: DateTime<Utc>,
-    pub users: i32,
-    pub duration_ms: i64,
-    pub k: i32,
-}
 
 /// How the batch is run (from the node's configuration).
 #[derive(Debug, Clone)]

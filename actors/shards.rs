@@ -15,13 +15,13 @@ use futures_util::future::join_all;
 use slog_scope::{info, warn};
 use uuid::Uuid;
 
+use crate::actors::shard::StoreError;
 use crate::actors::shard::{
     ChangesSince, CreateUser, Decide, DirEntry, DirKind, FinishPrepared, Forget, GetUser, Health, InDoubt,
     ListProjects, Lookup, PrepareDirectory, ProjectQuery, PruneAborts, ShardActor, ShardHealth, UpdateUser, UserChange,
 };
 use crate::model::{ChangeEvent, Profile, Project, UserRow};
 use crate::placement::Router;
-use crate::problem::StoreError;
 use crate::sealing::SharedKeyring;
 use crate::validate::{email_key, username_key};
 
@@ -234,7 +234,7 @@ impl Shards {
         let Some(txid) = txid else { return };
         let commit = match result {
             Ok(_) => true,
-            Err(StoreError::Unavailable(_) | StoreError::Database(_)) => match self.ask(home, Decide { txid }).await {
+            Err(e) if e.may_have_committed() => match self.ask(home, Decide { txid }).await {
                 Ok(commit) => commit,
                 Err(e) => {
                     warn!("cross-shard transaction left in doubt; recovery will finish it";
@@ -394,7 +394,7 @@ impl Shards {
         user_id: Uuid,
         mode: crate::similarity::Mode,
         limit: usize,
-    ) -> Result<Option<(crate::actors::recommend::RunRecord, Vec<crate::actors::recommend::RecoRow>)>, StoreError> {
+    ) -> Result<Option<(crate::similarity::RunRecord, Vec<crate::similarity::RecoRow>)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.ask_for(&user_id, crate::actors::shard::RecoForUser { user_id, mode, limit }).await
     }

@@ -251,7 +251,7 @@ async fn start(
     let env = Arc::new(ShardEnv {
         node_id: node_id.clone(),
         sequencer: sequencer.clone(),
-        hub: hub_ctx.address(),
+        hub: hub_ctx.address().recipient(),
         keys: keys.clone(),
         hlc: Arc::new(crate::replication::hlc(&node_id)),
         outbox: sync_ctx.address().recipient(),

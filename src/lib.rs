@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod changes;
 pub mod config;
 pub mod control;
 pub mod embedded_pg;

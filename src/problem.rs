@@ -9,25 +9,11 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-/// Errors from a shard (see `actors::shard`).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("the resource has changed since it was read (If-Match does not match)")]
-    PreconditionFailed,
-    #[error("only the owner may change this {0}")]
-    Forbidden(&'static str),
-    #[error("shard {0} is unavailable")]
-    Unavailable(usize),
-    #[error("database error: {0}")]
-    Database(String),
-    /// A sealed value could not be opened (key missing or data altered).
-    #[error("cannot open a sealed value: {0}")]
-    Sealing(String),
-}
+use crate::actors::auth::AuthError;
+use crate::actors::keys::KeyError;
+use crate::actors::peer::PeerError;
+use crate::actors::peer::event_loop::LookupError;
+pub use crate::actors::shard::StoreError;
 
 /// An RFC 9457 problem details body.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
@@ -136,6 +122,14 @@ impl ResponseError for ApiError {
     }
 }
 
+// One `From` per error type of the layers below: the only place their errors become
+// statuses and client messages. An internal cause goes to the log (`ApiError::Internal`),
+// never to the client.
+
+fn internal(e: &(dyn std::error::Error + 'static)) -> ApiError {
+    ApiError::Internal(crate::errors::chain(e))
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -146,8 +140,46 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(shard) => {
                 ApiError::Unavailable(format!("shard {shard} is unavailable; the node is reconnecting, retry shortly"))
             }
-            StoreError::Database(m) => ApiError::Internal(m),
-            StoreError::Sealing(m) => ApiError::Internal(format!("cannot open a sealed value: {m}")),
+            // Every other failure is the node's or its data's, not the request's. Its text,
+            // not its whole chain: a PostgreSQL error's DETAIL may quote a row.
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthorized(why) => ApiError::Unauthorized(why.into()),
+            AuthError::RevocationsNotLoaded => ApiError::Unavailable(e.to_string()),
+            AuthError::TooManyAttempts { retry_after } => ApiError::TooManyRequests(
+                e.to_string(),
+                retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+            ),
+            AuthError::Store(e) => e.into(),
+            AuthError::Hashing(_) | AuthError::Task(_) | AuthError::GateClosed | AuthError::Signing(_) => internal(&e),
+        }
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Store(e) => e.into(),
+            KeyError::KeyFile(_) => internal(&e),
+        }
+    }
+}
+
+impl From<PeerError> for ApiError {
+    fn from(e: PeerError) -> Self {
+        match e {
+            PeerError::Lookup(LookupError::NotFound(_)) => ApiError::NotFound(e.to_string()),
+            PeerError::Lookup(LookupError::OwnId) => ApiError::BadRequest(e.to_string()),
+            PeerError::Lookup(LookupError::NoPeers) | PeerError::Unavailable | PeerError::Timeout => {
+                ApiError::Unavailable(e.to_string())
+            }
+            PeerError::Start(_) | PeerError::Sync(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -155,5 +187,32 @@ impl From<StoreError> for ApiError {
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
         ApiError::Unavailable(format!("a node component is restarting ({e}); retry shortly"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use actix_web::ResponseError;
+
+    use super::*;
+
+    fn seen(e: impl Into<ApiError>) -> (u16, String) {
+        let e = e.into();
+        (e.status_code().as_u16(), e.to_string())
+    }
+
+    #[test]
+    fn errors_of_the_layers_below_keep_their_statuses_and_messages() {
+        let unauthorized = seen(AuthError::Unauthorized("the access token has been revoked"));
+        assert_eq!(unauthorized, (401, "the access token has been revoked".into()));
+        assert_eq!(seen(AuthError::RevocationsNotLoaded).0, 503);
+        let limited: ApiError = AuthError::TooManyAttempts { retry_after: Duration::from_millis(1_200) }.into();
+        assert!(matches!(limited, ApiError::TooManyRequests(_, 2)), "{limited:?}");
+        assert_eq!(seen(AuthError::Store(StoreError::NotFound("user"))), (404, "user not found".into()));
+        assert_eq!(seen(StoreError::Corrupt("unknown op".into())), (500, "internal error".into()));
+        assert_eq!(seen(KeyError::KeyFile(std::io::Error::other("disk full"))), (500, "internal error".into()));
+        assert_eq!(seen(PeerError::Lookup(LookupError::OwnId)).0, 400);
     }
 }

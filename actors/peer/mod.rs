@@ -29,7 +29,6 @@ pub use self::event_loop::Replication;
 use self::event_loop::{Command, EventLoop, LookupError};
 pub use self::report::{FoundPeer, NetworkReport, PeerReport, RelayReservation};
 use crate::p2p::config::P2pConfig;
-use crate::problem::ApiError;
 
 /// How long a question to the event loop may take before the caller gets an error. A DHT
 /// lookup has its own (longer) limit: the Kademlia query timeout and a margin for the answer.
@@ -56,19 +55,6 @@ pub enum PeerError {
     Start(String),
     #[error("sync request failed: {0}")]
     Sync(String),
-}
-
-impl From<PeerError> for ApiError {
-    fn from(e: PeerError) -> Self {
-        match e {
-            PeerError::Lookup(LookupError::NotFound(_)) => ApiError::NotFound(e.to_string()),
-            PeerError::Lookup(LookupError::OwnId) => ApiError::BadRequest(e.to_string()),
-            PeerError::Lookup(LookupError::NoPeers) | PeerError::Unavailable | PeerError::Timeout => {
-                ApiError::Unavailable(e.to_string())
-            }
-            PeerError::Start(_) | PeerError::Sync(_) => ApiError::Internal(e.to_string()),
-        }
-    }
 }
 
 /// Loads the node's libp2p key from `path`, creating it (mode 0600) on first start.

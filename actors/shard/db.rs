@@ -16,11 +16,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
-use super::{ConnectionLost, ShardActor};
-use crate::actors::event_hub::{EventHub, Report};
-use crate::actors::sync::{LocalChange, Published};
+use super::{ConnectionLost, ShardActor, StoreError};
+use crate::changes::{LocalChange, Published, Report};
 use crate::model::{ChangeEvent, Entity, Op, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
-use crate::problem::StoreError;
 use crate::replication::rows;
 use crate::replication::rules::{self, RowState, Write, WriteCtx};
 use crate::sealing::{KeyCheck, Keyring, Sealed, SharedKeyring, email_context};
@@ -31,7 +29,7 @@ use crate::vclock::VectorClock;
 pub struct ShardEnv {
     pub node_id: String,
     pub sequencer: Arc<Sequencer>,
-    pub hub: Addr<EventHub>,
+    pub hub: actix::Recipient<Report>,
     /// The data keys that seal sensitive columns.
     pub keys: Arc<SharedKeyring>,
     /// The node's hybrid logical clock: the time of every write.
@@ -84,7 +82,7 @@ pub struct ProjectQuery {
 /// Sequence numbers allocated inside a transaction: reported committed after COMMIT,
 /// or void if the transaction ends any other way (including an early return or drop).
 struct PendingChanges {
-    hub: Addr<EventHub>,
+    hub: actix::Recipient<Report>,
     events: Vec<ChangeEvent>,
     /// Local changes to publish once committed (remote ones are not published again).
     local: Vec<LocalChange>,
@@ -130,15 +128,14 @@ impl NewChange {
     /// The change-log entry of a row's new state: its public view (never a hash or an
     /// email), or for a deleted project a tombstone naming what went.
     fn of(op: Op, state: &RowState) -> Result<Self, StoreError> {
-        let unreadable = |e: rows::Unreadable| StoreError::Database(e.to_string());
         let data = match state.entity {
-            Entity::User => to_json(&rows::user(state).map_err(unreadable)?.view(None)),
-            Entity::Profile => to_json(&rows::profile(state).map_err(unreadable)?),
+            Entity::User => to_json(&rows::user(state)?.view(None)),
+            Entity::Profile => to_json(&rows::profile(state)?),
             Entity::Project if state.is_deleted() => {
-                let p = rows::project(state).map_err(unreadable)?;
+                let p = rows::project(state)?;
                 serde_json::json!({ "id": p.id, "creator_id": p.creator_id, "deleted_at": p.updated_at })
             }
-            Entity::Project => to_json(&rows::project(state).map_err(unreadable)?),
+            Entity::Project => to_json(&rows::project(state)?),
         };
         Ok(Self {
             entity: state.entity,
@@ -181,7 +178,7 @@ pub use state::{ConflictCursor, ConflictQuery, RemoteApplied, RemoteState};
 fn user_from(row: &Row, keys: &Keyring) -> Result<UserRow, StoreError> {
     let id: Uuid = row.get(0);
     let sealed = Sealed { key_id: row.get(2), bytes: row.get(3) };
-    let email = keys.open_string(&sealed, &email_context(&id)).map_err(|e| StoreError::Sealing(e.to_string()))?;
+    let email = keys.open_string(&sealed, &email_context(&id)).map_err(StoreError::Sealing)?;
     Ok(UserRow {
         id,
         username: row.get(1),
@@ -264,7 +261,7 @@ impl Db {
                 self.actor.do_send(ConnectionLost(e.to_string()));
                 StoreError::Unavailable(self.shard)
             }
-            Some(_) => StoreError::Database(crate::errors::chain(&e)),
+            Some(_) => StoreError::Database(Arc::new(e)),
             None => {
                 slog_scope::warn!("shard query failed; checking the connection"; "shard" => self.shard,
                                   "error" => crate::errors::chain(&e));
@@ -375,7 +372,7 @@ impl Db {
     fn allocate(&self, pending: &PendingChanges) -> Result<i64, StoreError> {
         self.env.sequencer.allocate().map_err(|(seq, e)| {
             pending.hub.do_send(Report::Void(seq..seq + 1));
-            StoreError::Database(format!("cannot reserve sequence numbers: {e}"))
+            StoreError::Sequence(Arc::new(e))
         })
     }
 
@@ -504,7 +501,7 @@ impl Db {
         };
         let (_, profile_change) = self.write(&tx, Entity::Profile, profile.id, create, None, None).await?;
         self.log_and_commit(tx, vec![user_change, profile_change]).await?;
-        rows::user(&state).map_err(|e| StoreError::Database(e.to_string()))
+        rows::user(&state).map_err(StoreError::from)
     }
 
     /// Changes a user's username, email and/or password hash. `expected` is the
@@ -524,7 +521,7 @@ impl Db {
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
         let stored = self.load(&tx, Entity::User, id).await?.ok_or(StoreError::NotFound("user"))?;
-        let current = rows::user(&stored).map_err(|e| StoreError::Database(e.to_string()))?;
+        let current = rows::user(&stored).map_err(StoreError::from)?;
         if (current.username.as_str(), current.email.as_str()) != (expected.0.as_str(), expected.1.as_str()) {
             return Err(StoreError::Conflict("the user was changed concurrently; retry".into()));
         }
@@ -547,7 +544,7 @@ impl Db {
         let (state, change) =
             self.write(&tx, Entity::User, id, Write::Update { fields }, None, if_match.as_deref()).await?;
         self.log_and_commit(tx, vec![change]).await?;
-        rows::user(&state).map_err(|e| StoreError::Database(e.to_string()))
+        rows::user(&state).map_err(StoreError::from)
     }
 
     // ----- two-phase commit (directory entries on other shards) --------------------
@@ -663,7 +660,7 @@ impl Db {
         let write = Write::Update { fields };
         let (state, change) = self.write(&tx, Entity::Profile, id, write, Some(caller), if_match.as_deref()).await?;
         self.log_and_commit(tx, vec![change]).await?;
-        rows::profile(&state).map_err(|e| StoreError::Database(e.to_string()))
+        rows::profile(&state).map_err(StoreError::from)
     }
 
     // ----- projects ----------------------------------------------------------------
@@ -688,7 +685,7 @@ impl Db {
         let (state, change) =
             self.write(&tx, Entity::Project, project.id, create, Some(project.creator_id), None).await?;
         self.log_and_commit(tx, vec![change]).await?;
-        rows::project(&state).map_err(|e| StoreError::Database(e.to_string()))
+        rows::project(&state).map_err(StoreError::from)
     }
 
     pub async fn get_project(&self, id: Uuid) -> Result<Project, StoreError> {
@@ -724,7 +721,7 @@ impl Db {
         let write = Write::Update { fields };
         let (state, change) = self.write(&tx, Entity::Project, id, write, Some(caller), if_match.as_deref()).await?;
         self.log_and_commit(tx, vec![change]).await?;
-        rows::project(&state).map_err(|e| StoreError::Database(e.to_string()))
+        rows::project(&state).map_err(StoreError::from)
     }
 
     /// Deletes a project, leaving a tombstone with a bumped clock. Creator only.
@@ -780,9 +777,9 @@ impl Db {
                     origin: r.get(1),
                     origin_seq: r.get(2),
                     entity: Entity::parse(&entity)
-                        .ok_or_else(|| StoreError::Database(format!("unknown entity {entity:?} in change log")))?,
+                        .ok_or_else(|| StoreError::Corrupt(format!("unknown entity {entity:?} in change log")))?,
                     op: Op::parse(&op)
-                        .ok_or_else(|| StoreError::Database(format!("unknown op {op:?} in change log")))?,
+                        .ok_or_else(|| StoreError::Corrupt(format!("unknown op {op:?} in change log")))?,
                     id: r.get(5),
                     owner_id: r.get(6),
                     vclock: r.get::<_, Json<VectorClock>>(7).0,
@@ -858,7 +855,7 @@ impl Db {
             let id: Uuid = row.get(0);
             let context = email_context(&id);
             let old = Sealed { key_id: row.get(1), bytes: row.get(2) };
-            let plain = keys.open(&old, &context).map_err(|e| StoreError::Sealing(e.to_string()))?;
+            let plain = keys.open(&old, &context).map_err(StoreError::Sealing)?;
             let new = keys.seal(&plain, &context);
             tx.execute(&update, &[&id, &new.key_id, &new.bytes]).await.map_err(|e| self.fail(e))?;
         }
@@ -971,13 +968,13 @@ fn gid_literal(gid: &str) -> Result<&str, StoreError> {
     if gid.len() < 200 && gid.chars().all(|c| c.is_ascii_alphanumeric() || c == ':' || c == '-') {
         Ok(gid)
     } else {
-        Err(StoreError::Database("malformed transaction id".into()))
+        Err(StoreError::Corrupt("malformed transaction id".into()))
     }
 }
 
 // ----- recommendations (RecommendActor's batch; see schema/0003_recommendations.sql) ----
 
-use crate::actors::recommend::{RecoInput, RecoRow, RunRecord};
+use crate::similarity::{RecoInput, RecoRow, RunRecord};
 
 impl Db {
     /// Every user of this shard with the features the similarity model reads.
@@ -1100,8 +1097,7 @@ impl Db {
                 neighbour_id: r.get(6),
                 username: r.get(7),
                 score: r.get(8),
-                shared: serde_json::from_value(r.get(9))
-                    .map_err(|e| StoreError::Database(format!("unreadable shared features: {e}")))?,
+                shared: serde_json::from_value(r.get(9)).map_err(StoreError::from)?,
             });
         }
         Ok(Some((run, found)))

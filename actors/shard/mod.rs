@@ -20,6 +20,7 @@
 //! reports its sequence numbers void, in bounded time.
 
 mod db;
+mod error;
 pub mod migrate;
 
 use std::sync::Arc;
@@ -38,10 +39,10 @@ pub use db::{
     ConflictCursor, ConflictQuery, DirEntry, DirKind, KEY_CHECK_FAILED, ProjectQuery, RemoteApplied, RemoteState,
     ShardEnv, SyncCounts, UserChange,
 };
+pub use error::StoreError;
 
-use crate::actors::event_hub::Report;
+use crate::changes::Report;
 use crate::model::{ChangeEvent, Profile, ProfileUpdate, Project, ProjectUpdate, UserRow};
-use crate::problem::StoreError;
 use crate::sealing::KeyCheck;
 
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -312,7 +313,7 @@ impl Handler<Health> for ShardActor {
 async fn detached<T: Send + 'static>(
     fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::spawn(fut).await.map_err(|e| StoreError::Database(format!("shard task failed: {e}")))?
+    tokio::spawn(fut).await.map_err(|e| StoreError::Task(Arc::new(e)))?
 }
 
 /// Runs `fut` detached and waits at most `timeout` for it: past that the caller gets
@@ -428,18 +429,18 @@ shard_requests! {
 // Recommendations (RecommendActor's batch and the recommendations endpoint).
 shard_requests! {
     /// Every user of the shard with their skills and interests.
-    RecoFeatures {} -> Vec<crate::actors::recommend::RecoInput> = reco_features;
+    RecoFeatures {} -> Vec<crate::similarity::RecoInput> = reco_features;
     /// Deletes rows of generations the shard does not serve.
     RecoDiscardStale {} -> u64 = reco_discard_stale;
     /// Writes one batch of a generation's rows (one transaction).
-    RecoWrite { generation: i64, rows: Vec<crate::actors::recommend::RecoRow> } -> () = reco_write;
+    RecoWrite { generation: i64, rows: Vec<crate::similarity::RecoRow> } -> () = reco_write;
     /// Serves a generation from now on.
-    RecoActivate { run: crate::actors::recommend::RunRecord } -> () = reco_activate;
+    RecoActivate { run: crate::similarity::RunRecord } -> () = reco_activate;
     /// The run the shard serves, if any.
-    RecoState {} -> Option<crate::actors::recommend::RunRecord> = reco_state;
+    RecoState {} -> Option<crate::similarity::RunRecord> = reco_state;
     /// A user's served recommendations in one mode.
     RecoForUser { user_id: Uuid, mode: crate::similarity::Mode, limit: i64 }
-        -> Option<(crate::actors::recommend::RunRecord, Vec<crate::actors::recommend::RecoRow>)> = reco_for_user;
+        -> Option<(crate::similarity::RunRecord, Vec<crate::similarity::RecoRow>)> = reco_for_user;
 }
 
 // Replication (SyncActor, through `Shards`).

@@ -8,12 +8,12 @@ use slog_scope::warn;
 use uuid::Uuid;
 
 use super::Shards;
+use crate::actors::shard::StoreError;
 use crate::actors::shard::{
     ApplyRemote, ClaimEntry, DirEntry, DirKind, GetSyncCounts, RecordClash, ReleaseEntry, RemoteApplied, RemoteState,
     StatesOf, SyncCounts, Versions,
 };
 use crate::model::{Entity, UserRow};
-use crate::problem::StoreError;
 use crate::replication::rules::RowState;
 use crate::validate::username_key;
 use crate::vclock::VectorClock;

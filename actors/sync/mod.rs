@@ -30,11 +30,10 @@ use utoipa::ToSchema;
 use self::protocol::{GossipBatch, Request, Response};
 use self::reconcile::{ROWS_PER_REQUEST, Served, ServedSessions, SessionError, SessionStats, Snapshot, Transport};
 use crate::actors::peer::{PeerActor, Publish, SyncRequest, SyncRespond};
-use crate::actors::shard::{RemoteApplied, RemoteState};
+use crate::actors::shard::{RemoteApplied, RemoteState, StoreError};
 use crate::actors::shards::Shards;
-use crate::problem::StoreError;
+pub use crate::changes::{LocalChange, Published};
 use crate::replication::netkey::{Kind, NetworkKeys};
-use crate::replication::rules::RowState;
 
 /// How long committed changes wait to be published together.
 const BATCH_DELAY: Duration = Duration::from_millis(5);
@@ -49,18 +48,6 @@ const APPLYING: usize = 2;
 /// Gossip batches waiting to be applied; beyond this they are dropped (reconciliation
 /// brings their changes), which bounds the memory a flood of gossip can take.
 const MAX_WAITING_BATCHES: usize = 256;
-
-/// A committed local change: its sequence number here and the row's new state.
-#[derive(Debug, Clone)]
-pub struct LocalChange {
-    pub seq: i64,
-    pub state: RowState,
-}
-
-/// From a shard: changes it committed (in commit order).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Published(pub Vec<LocalChange>);
 
 /// From the network's event loop: what peers sent (already opened with the network key).
 #[derive(Message)]

@@ -43,7 +43,7 @@ pub enum SessionError {
     #[error("reconciliation: {0}")]
     Negentropy(String),
     #[error("storage: {0}")]
-    Store(#[from] crate::problem::StoreError),
+    Store(#[from] crate::actors::shard::StoreError),
     #[error("network: {0}")]
     Network(String),
 }

@@ -36,7 +36,7 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
         req.app_data::<web::Data<AppState>>().ok_or_else(|| ApiError::Internal("application state missing".into()))?;
     let token = bearer_token(req)
         .ok_or_else(|| ApiError::Unauthorized("an access token is required (Authorization: Bearer <token>)".into()))?;
-    state.tokens.verify(&token).map(Authenticated)
+    Ok(Authenticated(state.tokens.verify(&token)?))
 }
 
 /// The raw `If-Match` header, if present (compared by the shard under the row lock).

@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::bearer_token;
-use crate::actors::auth::Caller;
+use crate::actors::auth::{AuthError, Caller};
 use crate::actors::event_hub::{Ended, Filter, HubMessage, Subscribe, SubscriptionId, Unsubscribe};
 use crate::model::ChangeEvent;
 use crate::problem::ApiError;
@@ -219,8 +219,8 @@ impl Conn {
                 self.send(&ServerMessage::Ready { user_id: caller.user_id, expires_at: caller.expires_at }).await?;
                 Ok(caller)
             }
-            Err(ApiError::Unavailable(why)) => Err(close(CloseCode::Again, format!("{why}; retry"))),
-            Err(ApiError::Unauthorized(why)) => Err(close(CloseCode::Policy, why)),
+            Err(e @ AuthError::RevocationsNotLoaded) => Err(close(CloseCode::Again, format!("{e}; retry"))),
+            Err(AuthError::Unauthorized(why)) => Err(close(CloseCode::Policy, why)),
             Err(_) => Err(close(CloseCode::Error, "the token could not be checked; retry")),
         }
     }

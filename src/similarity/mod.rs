@@ -38,7 +38,10 @@
 //!
 //! This module is pure: no actor, no I/O, no async. It must never panic on any input.
 
+mod records;
 pub mod reference;
+
+pub use records::{RecoInput, RecoRow, RunRecord};
 
 use std::collections::{BinaryHeap, HashMap};
 

@@ -13,8 +13,8 @@ use tokio_postgres::types::Json;
 use uuid::Uuid;
 
 use super::{Db, NewChange, profile_from, project_from, user_from};
+use crate::actors::shard::StoreError;
 use crate::model::{ConflictNote, ConflictValue, ConflictView, Entity, Op, UserRow};
-use crate::problem::StoreError;
 use crate::replication::rows;
 use crate::replication::rules::{self, Applied, Conflict, Outcome, Refused, RowState, Sibling, Stamp};
 use crate::sealing::email_context;
@@ -94,7 +94,7 @@ impl From<Refused> for StoreError {
             Refused::Forbidden(what) => StoreError::Forbidden(what),
             Refused::Exists(what) => StoreError::Conflict(format!("the {what} already exists")),
             Refused::PreconditionFailed => StoreError::PreconditionFailed,
-            Refused::Malformed(why) => StoreError::Database(why),
+            Refused::Malformed(why) => StoreError::Corrupt(why),
         }
     }
 }
@@ -128,10 +128,6 @@ fn table(entity: Entity) -> &'static str {
         Entity::Profile => "profiles",
         Entity::Project => "projects",
     }
-}
-
-fn unreadable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Database(format!("stored row does not read as a state: {e}"))
 }
 
 impl Db {
@@ -287,7 +283,7 @@ impl Db {
         let clock = Json(&s.clock);
         match s.entity {
             Entity::User => {
-                let u = rows::user(s).map_err(unreadable)?;
+                let u = rows::user(s)?;
                 let email = self.env.keys.get().seal(u.email.as_bytes(), &email_context(&u.id));
                 let stmt = tx
                     .prepare_cached(concat!(
@@ -321,7 +317,7 @@ impl Db {
                 .map_err(|e| self.fail(e))?;
             }
             Entity::Profile => {
-                let p = rows::profile(s).map_err(unreadable)?;
+                let p = rows::profile(s)?;
                 let stmt = tx
                     .prepare_cached(concat!(
                         "INSERT INTO profiles (",
@@ -352,7 +348,7 @@ impl Db {
                 .map_err(|e| self.fail(e))?;
             }
             Entity::Project => {
-                let p = rows::project(s).map_err(unreadable)?;
+                let p = rows::project(s)?;
                 let deleted_at =
                     s.is_deleted().then(|| s.stamp(rules::DELETED).map(|st| rules::hlc_datetime(st.hlc))).flatten();
                 let stmt = tx
@@ -526,8 +522,8 @@ impl Db {
             let Some(Some(state)) = batch.current.get(key) else { continue };
             let original = batch.original.get(key).cloned().flatten();
             if key.0 == Entity::User {
-                let user = rows::user(state).map_err(unreadable)?;
-                let before = original.as_ref().map(rows::user).transpose().map_err(unreadable)?;
+                let user = rows::user(state)?;
+                let before = original.as_ref().map(rows::user).transpose()?;
                 let before = before.map(|b| (b.username, b.email));
                 if before.as_ref() != Some(&(user.username.clone(), user.email.clone())) {
                     report.users.push((user, before));
@@ -600,7 +596,7 @@ impl Db {
                 return Ok(());
             }
         }
-        let json = serde_json::to_value(&merged).map_err(|e| StoreError::Database(e.to_string()))?;
+        let json = serde_json::to_value(&merged)?;
         tx.execute(
             "INSERT INTO pending_states (entity, row_id, owner_id, state) VALUES ($1, $2, $3, $4)
              ON CONFLICT (entity, row_id) DO UPDATE SET state = $4",
@@ -684,7 +680,7 @@ impl Db {
                 let resolved_at: Option<chrono::DateTime<chrono::Utc>> = r.get(12);
                 Ok(ConflictView {
                     entity: Entity::parse(&entity)
-                        .ok_or_else(|| StoreError::Database(format!("unknown entity {entity:?} in conflicts")))?,
+                        .ok_or_else(|| StoreError::Corrupt(format!("unknown entity {entity:?} in conflicts")))?,
                     row_id: r.get(1),
                     field: r.get(2),
                     loser: value(r, 3),
