@@ -167,8 +167,12 @@ fn log_lines_about(node: &Node, what: &str, peer: &str) -> usize {
 /// the node keeps serving throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_loop_that_dies_is_restarted_with_the_same_identity_and_rejoins() {
-    if !cfg!(feature = "failpoints") {
-        println!("SKIPPED: needs a build with `--features failpoints` (`make test` turns it on)");
+    let failpoints: Result<(), &str> = if cfg!(feature = "failpoints") {
+        Ok(())
+    } else {
+        Err("needs a build with `--features failpoints` (`make test` turns it on)")
+    };
+    if common::or_skip(failpoints).is_none() {
         return;
     }
     let a = start_node(None).await;

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Node, PgGuard, TestUser, binary, wait_for};
-use cosmicsync::embedded_pg::EmbeddedPostgres;
 use cosmicsync::placement::Router;
 use cosmicsync::similarity::{Mode, Model, Params, UserFeatures};
 use reqwest::Method;
@@ -74,11 +73,7 @@ async fn run_ok(dir: &Path) -> Value {
 }
 
 fn skipped() -> bool {
-    let missing = EmbeddedPostgres::find_bin_dir(None).is_err();
-    if missing {
-        eprintln!("SKIPPED: PostgreSQL server binaries not found (install the postgresql package)");
-    }
-    missing
+    !common::have_postgres()
 }
 
 #[tokio::test]

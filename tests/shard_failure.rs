@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::{Node, PgGuard, TestUser, wait_for};
-use cosmicsync::embedded_pg::EmbeddedPostgres;
 use reqwest::Method;
 
 async fn profile_status(node: &Node, user: &TestUser) -> u16 {
@@ -17,8 +16,7 @@ async fn profile_status(node: &Node, user: &TestUser) -> u16 {
 
 #[tokio::test]
 async fn a_lost_shard_fails_alone_and_recovers() {
-    if EmbeddedPostgres::find_bin_dir(None).is_err() {
-        eprintln!("SKIPPED: PostgreSQL server binaries not found (install the postgresql package)");
+    if !common::have_postgres() {
         return;
     }
     // Shards 0-2 on one server, shard 3 on a server of its own that the test stops.

@@ -503,9 +503,7 @@ async fn sessions_end_when_the_token_expires_or_auth_never_comes() {
 
 #[tokio::test]
 async fn a_replay_that_cannot_read_a_shard_says_so() {
-    use cosmicsync::embedded_pg::EmbeddedPostgres;
-    if EmbeddedPostgres::find_bin_dir(None).is_err() {
-        eprintln!("SKIPPED: PostgreSQL server binaries not found (install the postgresql package)");
+    if !common::have_postgres() {
         return;
     }
     // Shards 0-2 on one server, shard 3 on a server of its own that the test stops.

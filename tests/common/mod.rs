@@ -64,6 +64,12 @@ pub fn or_skip<T, E: std::fmt::Display>(ready: Result<T, E>) -> Option<T> {
     }
 }
 
+/// Whether the machine has PostgreSQL's server binaries; otherwise prints why the test
+/// skips (a failure under `CI=true`, see `or_skip`).
+pub fn have_postgres() -> bool {
+    or_skip(pg_tls::pg_installed()).is_some()
+}
+
 /// The path of the binary under test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cosmicsync")

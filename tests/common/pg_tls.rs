@@ -24,10 +24,7 @@ impl TlsServer {
     /// Starts the server on 127.0.0.1 (certificate for `localhost` only) with databases
     /// `s0` and `s1`; `None` (and a note why) when the machine has no PostgreSQL.
     pub fn start() -> Option<TlsServer> {
-        if let Err(why) = pg_installed() {
-            eprintln!("SKIPPED: {why}");
-            return None;
-        }
+        super::or_skip(pg_installed())?;
         let server = TlsServer::start_at("127.0.0.1", "localhost", None, &["s0", "s1"], EmbeddedPostgres::start);
         // initdb -A trust lets local TCP clients in; the node's connections must match it.
         let hba = std::fs::read_to_string(server.pg.data_dir().join("pg_hba.conf")).unwrap();
