@@ -61,8 +61,9 @@ database server, so ${R[nodes]} servers and ${R[nodes]} nodes share this machine
   of \`projects\`, stamps and clocks included) into an empty table of the same layout in
   B's PostgreSQL, in the same run.
 - **(c) Reconciliation bytes**: then B stops again, 10 projects are changed on A, B
-  starts: the size of B's reconciliation session with A (every sealed request and
-  response, both ways), with ${R[recon_rows]} rows on each side.
+  starts. Both nodes start a session when they meet; the figure is the session that
+  moved the ten rows (every sealed request and response, both ways, states included),
+  with ${R[recon_rows]} rows on each side.
 
 ### Machine
 
@@ -82,7 +83,7 @@ $(machine_table)
 | (b) catch-up of ${R[missed]} changes | ${R[catchup_s]} s: **${R[catchup_rate]} changes/s** |
 | (b) COPY of the same rows into the same PostgreSQL | ${R[copy_rate]} rows/s |
 | (b) catch-up rate ÷ COPY rate | **${R[catchup_ratio]}** |
-| (c) reconciliation session, ${R[recon_rows]} rows differing in 10 | **${R[recon_bytes]} bytes**, ${R[recon_rounds]} rounds, ${R[recon_received]} states received, ${R[recon_ms]} ms |
+| (c) reconciliation session, ${R[recon_rows]} rows differing in 10 | **${R[recon_bytes]} bytes**, ${R[recon_rounds]} rounds, ${R[recon_moved]} states moved, ${R[recon_ms]} ms |
 
 ### Targets
 
