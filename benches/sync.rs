@@ -219,9 +219,7 @@ async fn catch_up(missed: usize) {
         let mut sessions = Vec::new();
         for (node, user) in [(&a, &ada), (&b, &ada_b)] {
             let status: Value = common::cluster::get(node, "/api/v1/sync/status", user).await.1;
-            sessions.extend(
-                status["peers"].as_array()?.iter().filter_map(|p| p["last_session"].as_object().cloned()),
-            );
+            sessions.extend(status["peers"].as_array()?.iter().filter_map(|p| p["last_session"].as_object().cloned()));
         }
         sessions.into_iter().find(|s| s["received"].as_u64().unwrap_or(0) + s["sent"].as_u64().unwrap_or(0) > 0)
     })

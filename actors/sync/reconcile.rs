@@ -121,20 +121,33 @@ pub async fn run(transport: &impl Transport, shards: &Shards, session: u64) -> R
             None => break,
         }
     }
-    for ids in need.chunks(ROWS_PER_REQUEST) {
-        let ids = ids.iter().map(|id| Id(*id.as_bytes())).collect();
-        let (response, bytes) = transport.call(Request::Fetch { session, ids }).await?;
+    // Fetch and apply overlap: the next batch is on the wire while this one is applied.
+    let mut fetches = need
+        .chunks(ROWS_PER_REQUEST)
+        .map(|ids| Request::Fetch { session, ids: ids.iter().map(|id| Id(*id.as_bytes())).collect() });
+    let mut ready = match fetches.next() {
+        Some(first) => Some(transport.call(first).await?),
+        None => None,
+    };
+    while let Some((response, bytes)) = ready.take() {
         stats.bytes += bytes;
-        match response {
-            Response::States { states } => {
-                stats.received += states.len();
-                let applied = shards.apply_remote(states).await?;
-                stats.applied += applied.applied;
-                stats.conflicts += applied.conflicts_opened;
-            }
+        let states = match response {
+            Response::States { states } => states,
             Response::Failed { reason } => return Err(SessionError::Peer(reason)),
             _ => return Err(SessionError::Unexpected),
-        }
+        };
+        stats.received += states.len();
+        let apply = shards.apply_remote(states);
+        let applied = match fetches.next() {
+            Some(next) => {
+                let (applied, next) = tokio::join!(apply, transport.call(next));
+                ready = Some(next?);
+                applied?
+            }
+            None => apply.await?,
+        };
+        stats.applied += applied.applied;
+        stats.conflicts += applied.conflicts_opened;
     }
     for ids in have.chunks(ROWS_PER_REQUEST) {
         let rows = ids.iter().filter_map(|id| snapshot.rows.get(id.as_bytes()).copied()).collect();
