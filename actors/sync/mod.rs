@@ -93,6 +93,8 @@ struct PeerSync {
     received: u64,
     bytes: u64,
     last: Option<SessionReport>,
+    /// The last session this node ran with the peer that moved rows.
+    last_transfer: Option<SessionReport>,
     /// Sessions that failed in a row (reset by one that succeeds).
     failures: u32,
 }
@@ -343,13 +345,17 @@ impl SyncActor {
                     state.bytes += stats.bytes as u64;
                     let line = (stats.received + stats.sent > 0).then_some(());
                     let ms = started.elapsed().as_millis() as u64;
-                    state.last = Some(SessionReport {
+                    let report = SessionReport {
                         rounds: stats.rounds,
                         received: stats.received,
                         sent: stats.sent,
                         bytes: stats.bytes,
                         millis: ms,
-                    });
+                    };
+                    state.last = Some(report);
+                    if stats.received + stats.sent > 0 {
+                        state.last_transfer = Some(report);
+                    }
                     if line.is_some() {
                         info!("reconciled with a peer"; "peer" => %peer, "received" => stats.received,
                               "applied" => stats.applied, "sent" => stats.sent, "rounds" => stats.rounds,
@@ -553,6 +559,9 @@ pub struct PeerSyncReport {
     /// The last session this node ran with the peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_session: Option<SessionReport>,
+    /// The last session this node ran with the peer that moved rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transfer: Option<SessionReport>,
 }
 
 /// Writes of one origin node that this node holds (summed over every row's clock).
@@ -598,6 +607,7 @@ impl Handler<GetSyncStatus> for SyncActor {
                 changes_received: p.received,
                 session_bytes: p.bytes,
                 last_session: p.last,
+                last_transfer: p.last_transfer,
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
