@@ -242,6 +242,14 @@ machine_facts() {
     NOW=$(date -u '+%Y-%m-%d %H:%M UTC')
 }
 
+# machine_table_full LOAD: the machine table with the build's facts and the load average
+# before the run (what the batch benchmarks record). Needs machine_facts first.
+machine_table_full() {
+    machine_table
+    printf '| rustc | %s |\n| cosmicsync commit | %s |\n' "$RUSTC" "$COMMIT"
+    printf '| Date | %s |\n| Load average before the run | %s |\n' "$NOW" "$1"
+}
+
 # machine_table: prints the head of a Markdown machine table (CPUs, model, memory,
 # kernel); the caller appends its own rows. Needs machine_facts first.
 machine_table() {

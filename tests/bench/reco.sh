@@ -75,11 +75,7 @@ This section is rewritten on every run: edit outside the \`bench:reco\` markers.
 
 ### Machine
 
-$(machine_table)
-| rustc | $RUSTC |
-| cosmicsync commit | $COMMIT |
-| Date | $NOW |
-| Load average before the run | $LOAD_BEFORE |
+$(machine_table_full "$LOAD_BEFORE")
 
 ### Results
 

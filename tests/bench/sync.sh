@@ -67,11 +67,7 @@ database server, so ${R[nodes]} servers and ${R[nodes]} nodes share this machine
 
 ### Machine
 
-$(machine_table)
-| rustc | $RUSTC |
-| cosmicsync commit | $COMMIT |
-| Date | $NOW |
-| Load average before the run | $LOAD_BEFORE |
+$(machine_table_full "$LOAD_BEFORE")
 
 ### Results
 
