@@ -164,26 +164,34 @@ impl Db {
         let keys = self.env.keys.get();
         let sql = match (entity, lock) {
             (Entity::User, Lock::Update) => {
-                concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = ANY($1) FOR UPDATE")
+                concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE")
             }
             (Entity::User, Lock::Share) => {
-                concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = ANY($1) FOR SHARE")
+                concat!("SELECT ", user_columns!(), ", stamps FROM users WHERE id = ANY($1) ORDER BY id FOR SHARE")
             }
             (Entity::Profile, Lock::Update) => {
-                concat!("SELECT ", profile_columns!(), ", stamps FROM profiles WHERE id = ANY($1) FOR UPDATE")
+                concat!(
+                    "SELECT ",
+                    profile_columns!(),
+                    ", stamps FROM profiles WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+                )
             }
             (Entity::Profile, Lock::Share) => {
-                concat!("SELECT ", profile_columns!(), ", stamps FROM profiles WHERE id = ANY($1) FOR SHARE")
+                concat!(
+                    "SELECT ",
+                    profile_columns!(),
+                    ", stamps FROM profiles WHERE id = ANY($1) ORDER BY id FOR SHARE"
+                )
             }
             (Entity::Project, Lock::Update) => concat!(
                 "SELECT ",
                 project_columns!(),
-                ", stamps, deleted_at FROM projects WHERE id = ANY($1) FOR UPDATE"
+                ", stamps, deleted_at FROM projects WHERE id = ANY($1) ORDER BY id FOR UPDATE"
             ),
             (Entity::Project, Lock::Share) => concat!(
                 "SELECT ",
                 project_columns!(),
-                ", stamps, deleted_at FROM projects WHERE id = ANY($1) FOR SHARE"
+                ", stamps, deleted_at FROM projects WHERE id = ANY($1) ORDER BY id FOR SHARE"
             ),
         };
         let stmt = tx.prepare_cached(sql).await.map_err(|e| self.fail(e))?;
@@ -516,7 +524,11 @@ impl Db {
                 }
             }
         }
-        // The final state of every row the batch changed, against what was stored.
+        // The final state of every row the batch changed, against what was stored. Written
+        // in (entity, id) order, as the rows were locked: two batches that touch the same
+        // rows (a gossip batch and a session's push, say) take their locks in one order and
+        // cannot deadlock.
+        batch.touched.sort();
         let mut finals = Vec::with_capacity(batch.touched.len());
         for key in &batch.touched {
             let Some(Some(state)) = batch.current.get(key) else { continue };
