@@ -265,7 +265,7 @@ async fn a_node_that_was_away_catches_up_and_a_kill_mid_batch_leaves_nothing_hal
 
     // 10,000 changes on A and B while C is away.
     let (made_a, made_b) =
-        tokio::join!(create_projects(&a, &ada, MISSED / 2, 16), create_projects(&b, &bob, MISSED / 2, 16));
+        tokio::join!(create_projects(&a, &ada, MISSED / 2, 8), create_projects(&b, &bob, MISSED / 2, 8));
     assert_eq!(made_a.len() + made_b.len(), MISSED);
 
     // C comes back with its first catch-up batch held open, and is killed mid-batch.
