@@ -343,7 +343,7 @@ impl SyncActor {
                     state.received += stats.received as u64;
                     state.sent += stats.sent as u64;
                     state.bytes += stats.bytes as u64;
-                    let line = (stats.received + stats.sent > 0).then_some(());
+                    let moved = stats.received + stats.sent > 0;
                     let ms = started.elapsed().as_millis() as u64;
                     let report = SessionReport {
                         rounds: stats.rounds,
@@ -353,10 +353,10 @@ impl SyncActor {
                         millis: ms,
                     };
                     state.last = Some(report);
-                    if stats.received + stats.sent > 0 {
+                    if moved {
                         state.last_transfer = Some(report);
                     }
-                    if line.is_some() {
+                    if moved {
                         info!("reconciled with a peer"; "peer" => %peer, "received" => stats.received,
                               "applied" => stats.applied, "sent" => stats.sent, "rounds" => stats.rounds,
                               "bytes" => stats.bytes, "ms" => ms);
