@@ -308,14 +308,6 @@ impl Db {
         if changes.is_empty() {
             return Ok(pending);
         }
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO changes (seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at,
-                                      conflicts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .await
-            .map_err(|e| self.fail(e))?;
         for c in changes {
             let seq = self.allocate(&pending)?;
             let (origin, origin_seq) = match c.origin {
@@ -339,31 +331,37 @@ impl Db {
                 conflicts: c.conflicts,
             });
         }
-        // Sent together: pipelined on the connection, one round trip for the batch.
-        let inserts = pending.events.iter().map(|e| {
-            let conflicts = (!e.conflicts.is_empty()).then_some(Json(&e.conflicts));
-            let (stmt, tx) = (&stmt, &tx);
-            async move {
-                tx.execute(
-                    stmt,
-                    &[
-                        &e.seq,
-                        &e.origin,
-                        &e.origin_seq,
-                        &e.entity.as_str(),
-                        &e.op.as_str(),
-                        &e.id,
-                        &e.owner_id,
-                        &Json(&e.vclock),
-                        &e.data,
-                        &e.committed_at,
-                        &conflicts,
-                    ],
-                )
-                .await
-            }
-        });
-        futures_util::future::try_join_all(inserts).await.map_err(|e| self.fail(e))?;
+        // One statement for the batch, whatever its size.
+        let events = &pending.events;
+        let conflicts: Vec<_> =
+            events.iter().map(|e| (!e.conflicts.is_empty()).then_some(Json(&e.conflicts))).collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO changes (seq, origin, origin_seq, entity, op, row_id, owner_id, vclock, data, committed_at,
+                                      conflicts)
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::uuid[],
+                                      $7::uuid[], $8::jsonb[], $9::jsonb[], $10::timestamptz[], $11::jsonb[])",
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        tx.execute(
+            &stmt,
+            &[
+                &events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.origin.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.origin_seq).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.entity.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.op.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.id).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.owner_id).collect::<Vec<_>>(),
+                &events.iter().map(|e| Json(&e.vclock)).collect::<Vec<_>>(),
+                &events.iter().map(|e| &e.data).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.committed_at).collect::<Vec<_>>(),
+                &conflicts,
+            ],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
         Ok(pending)
     }
 
@@ -399,7 +397,7 @@ impl Db {
         let hlc = self.write_time(stored.as_ref().map_or(0, RowState::last_hlc));
         let ctx = WriteCtx { node: &self.env.node_id, hlc, caller, if_match };
         let applied = rules::apply_local(stored.as_ref(), write, &ctx).map_err(|r| state::refused_for(entity, r))?;
-        self.store(tx, &applied).await?;
+        self.store(tx, std::slice::from_ref(&applied)).await?;
         let change = NewChange::of(op, &applied.state)?;
         Ok((applied.state, change))
     }

@@ -83,6 +83,28 @@ struct Batch {
     changes: Vec<NewChange>,
 }
 
+/// The columns every replicated table has, as arrays for a multi-row statement.
+#[derive(Default)]
+struct Columns {
+    ids: Vec<Uuid>,
+    created: Vec<chrono::DateTime<chrono::Utc>>,
+    updated: Vec<chrono::DateTime<chrono::Utc>>,
+    clocks: Vec<Json<VectorClock>>,
+    stamps: Vec<Json<BTreeMap<String, Stamp>>>,
+    hlcs: Vec<i64>,
+}
+
+impl Columns {
+    fn push(&mut self, s: &RowState, created: chrono::DateTime<chrono::Utc>, updated: chrono::DateTime<chrono::Utc>) {
+        self.ids.push(s.id);
+        self.created.push(created);
+        self.updated.push(updated);
+        self.clocks.push(Json(s.clock.clone()));
+        self.stamps.push(Json(rows::stamps_of(s)));
+        self.hlcs.push(s.last_hlc() as i64);
+    }
+}
+
 /// At most this many states wait for their user on one shard; beyond it a state is
 /// dropped (reconciliation brings it again once its user is here).
 const MAX_WAITING: i64 = 100_000;
@@ -281,115 +303,176 @@ impl Db {
         Ok(out)
     }
 
-    /// Writes a state decided by the rules (insert or update), its conflicts, and queues
-    /// its change-log entry in `changes`. The user's email is sealed afresh under the
-    /// current data key.
-    pub(super) async fn store(&self, tx: &Transaction<'_>, applied: &Applied) -> Result<(), StoreError> {
-        let s = &applied.state;
-        let stamps = Json(rows::stamps_of(s));
-        let hlc = s.last_hlc() as i64;
-        let clock = Json(&s.clock);
-        match s.entity {
-            Entity::User => {
-                let u = rows::user(s)?;
-                let email = self.env.keys.get().seal(u.email.as_bytes(), &email_context(&u.id));
-                let stmt = tx
-                    .prepare_cached(concat!(
-                        "INSERT INTO users (",
-                        user_columns!(),
-                        ", stamps, hlc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                         ON CONFLICT (id) DO UPDATE SET username = $2, email_key = $3, email_sealed = $4,
-                             password_hash = $5, updated_at = $8, password_changed_at = $9, vclock = $10,
-                             stamps = $11, hlc = $12"
-                    ))
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                tx.execute(
-                    &stmt,
-                    &[
-                        &u.id,
-                        &u.username,
-                        &email.key_id,
-                        &email.bytes,
-                        &u.password_hash,
-                        &u.profile_id,
-                        &u.created_at,
-                        &u.updated_at,
-                        &u.password_changed_at,
-                        &clock,
-                        &stamps,
-                        &hlc,
-                    ],
-                )
-                .await
-                .map_err(|e| self.fail(e))?;
-            }
-            Entity::Profile => {
-                let p = rows::profile(s)?;
-                let stmt = tx
-                    .prepare_cached(concat!(
-                        "INSERT INTO profiles (",
-                        profile_columns!(),
-                        ", stamps, hlc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                         ON CONFLICT (id) DO UPDATE SET name = $3, bio = $4, skills = $5, interests = $6,
-                             updated_at = $8, vclock = $9, stamps = $10, hlc = $11"
-                    ))
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                tx.execute(
-                    &stmt,
-                    &[
-                        &p.id,
-                        &p.user_id,
-                        &p.name,
-                        &p.bio,
-                        &p.skills,
-                        &p.interests,
-                        &p.created_at,
-                        &p.updated_at,
-                        &clock,
-                        &stamps,
-                        &hlc,
-                    ],
-                )
-                .await
-                .map_err(|e| self.fail(e))?;
-            }
-            Entity::Project => {
-                let p = rows::project(s)?;
-                let deleted_at =
-                    s.is_deleted().then(|| s.stamp(rules::DELETED).map(|st| rules::hlc_datetime(st.hlc))).flatten();
-                let stmt = tx
-                    .prepare_cached(concat!(
-                        "INSERT INTO projects (",
-                        project_columns!(),
-                        ", stamps, hlc, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                         ON CONFLICT (id) DO UPDATE SET name = $3, description = $4, tags = $5, updated_at = $7,
-                             vclock = $8, stamps = $9, hlc = $10, deleted_at = $11"
-                    ))
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                tx.execute(
-                    &stmt,
-                    &[
-                        &p.id,
-                        &p.creator_id,
-                        &p.name,
-                        &p.description,
-                        &p.tags,
-                        &p.created_at,
-                        &p.updated_at,
-                        &clock,
-                        &stamps,
-                        &hlc,
-                        &deleted_at,
-                    ],
-                )
-                .await
-                .map_err(|e| self.fail(e))?;
-            }
+    /// Writes states decided by the rules (inserts or updates), with their conflicts: one
+    /// statement per entity whatever the number of rows (`unnest` of column arrays), so a
+    /// large batch from a peer costs a few statements, not a few per row. Each user's email
+    /// is sealed afresh under the current data key. At most one state per row.
+    pub(super) async fn store(&self, tx: &Transaction<'_>, applied: &[Applied]) -> Result<(), StoreError> {
+        let of = |entity| applied.iter().map(|a| &a.state).filter(move |s| s.entity == entity);
+        let users = of(Entity::User).collect::<Vec<_>>();
+        let profiles = of(Entity::Profile).collect::<Vec<_>>();
+        let projects = of(Entity::Project).collect::<Vec<_>>();
+        futures_util::try_join!(
+            self.store_users(tx, &users),
+            self.store_profiles(tx, &profiles),
+            self.store_projects(tx, &projects)
+        )?;
+        for a in applied {
+            self.store_conflicts(tx, a).await?;
         }
-        self.store_conflicts(tx, applied).await
+        Ok(())
+    }
+
+    async fn store_users(&self, tx: &Transaction<'_>, states: &[&RowState]) -> Result<(), StoreError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let keys = self.env.keys.get();
+        let mut c = Columns::default();
+        let (mut names, mut email_keys, mut emails, mut hashes, mut profiles, mut changed) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for s in states {
+            let u = rows::user(s)?;
+            let email = keys.seal(u.email.as_bytes(), &email_context(&u.id));
+            c.push(s, u.created_at, u.updated_at);
+            names.push(u.username);
+            email_keys.push(email.key_id);
+            emails.push(email.bytes);
+            hashes.push(u.password_hash);
+            profiles.push(u.profile_id);
+            changed.push(u.password_changed_at);
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO users (id, username, email_key, email_sealed, password_hash, profile_id, created_at,
+                                    updated_at, password_changed_at, vclock, stamps, hlc)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bytea[], $5::text[], $6::uuid[],
+                                      $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::jsonb[],
+                                      $11::jsonb[], $12::int8[])
+                 ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username, email_key = EXCLUDED.email_key,
+                     email_sealed = EXCLUDED.email_sealed, password_hash = EXCLUDED.password_hash,
+                     updated_at = EXCLUDED.updated_at, password_changed_at = EXCLUDED.password_changed_at,
+                     vclock = EXCLUDED.vclock, stamps = EXCLUDED.stamps, hlc = EXCLUDED.hlc",
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        tx.execute(
+            &stmt,
+            &[
+                &c.ids,
+                &names,
+                &email_keys,
+                &emails,
+                &hashes,
+                &profiles,
+                &c.created,
+                &c.updated,
+                &changed,
+                &c.clocks,
+                &c.stamps,
+                &c.hlcs,
+            ],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    async fn store_profiles(&self, tx: &Transaction<'_>, states: &[&RowState]) -> Result<(), StoreError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut c = Columns::default();
+        let (mut users, mut names, mut bios, mut skills, mut interests) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for s in states {
+            let p = rows::profile(s)?;
+            c.push(s, p.created_at, p.updated_at);
+            users.push(p.user_id);
+            names.push(p.name);
+            bios.push(p.bio);
+            skills.push(Json(p.skills));
+            interests.push(Json(p.interests));
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO profiles (id, user_id, name, bio, skills, interests, created_at, updated_at, vclock,
+                                       stamps, hlc)
+                 SELECT id, user_id, name, bio, ARRAY(SELECT jsonb_array_elements_text(skills)),
+                        ARRAY(SELECT jsonb_array_elements_text(interests)), created_at, updated_at, vclock, stamps, hlc
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+                             $7::timestamptz[], $8::timestamptz[], $9::jsonb[], $10::jsonb[], $11::int8[])
+                      AS t (id, user_id, name, bio, skills, interests, created_at, updated_at, vclock, stamps, hlc)
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, bio = EXCLUDED.bio, skills = EXCLUDED.skills,
+                     interests = EXCLUDED.interests, updated_at = EXCLUDED.updated_at, vclock = EXCLUDED.vclock,
+                     stamps = EXCLUDED.stamps, hlc = EXCLUDED.hlc",
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        tx.execute(
+            &stmt,
+            &[
+                &c.ids, &users, &names, &bios, &skills, &interests, &c.created, &c.updated, &c.clocks, &c.stamps,
+                &c.hlcs,
+            ],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    async fn store_projects(&self, tx: &Transaction<'_>, states: &[&RowState]) -> Result<(), StoreError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut c = Columns::default();
+        let (mut creators, mut names, mut descriptions, mut tags, mut deleted) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for s in states {
+            let p = rows::project(s)?;
+            c.push(s, p.created_at, p.updated_at);
+            creators.push(p.creator_id);
+            names.push(p.name);
+            descriptions.push(p.description);
+            tags.push(Json(p.tags));
+            deleted
+                .push(s.is_deleted().then(|| s.stamp(rules::DELETED).map(|st| rules::hlc_datetime(st.hlc))).flatten());
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO projects (id, creator_id, name, description, tags, created_at, updated_at, vclock, stamps,
+                                       hlc, deleted_at)
+                 SELECT id, creator_id, name, description, ARRAY(SELECT jsonb_array_elements_text(tags)), created_at,
+                        updated_at, vclock, stamps, hlc, deleted_at
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[],
+                             $7::timestamptz[], $8::jsonb[], $9::jsonb[], $10::int8[], $11::timestamptz[])
+                      AS t (id, creator_id, name, description, tags, created_at, updated_at, vclock, stamps, hlc,
+                            deleted_at)
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, description = EXCLUDED.description,
+                     tags = EXCLUDED.tags, updated_at = EXCLUDED.updated_at, vclock = EXCLUDED.vclock,
+                     stamps = EXCLUDED.stamps, hlc = EXCLUDED.hlc, deleted_at = EXCLUDED.deleted_at",
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        tx.execute(
+            &stmt,
+            &[
+                &c.ids,
+                &creators,
+                &names,
+                &descriptions,
+                &tags,
+                &c.created,
+                &c.updated,
+                &c.clocks,
+                &c.stamps,
+                &c.hlcs,
+                &deleted,
+            ],
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        Ok(())
     }
 
     /// Records the state's open conflicts (new ones, and the winner of older ones, which
@@ -543,7 +626,7 @@ impl Db {
             }
             finals.push(rules::superseding(original.as_ref(), state.clone()));
         }
-        futures_util::future::try_join_all(finals.iter().map(|a| self.store(&tx, a))).await?;
+        self.store(&tx, &finals).await?;
         // Test builds: `FAILPOINTS=apply-remote-commit=1*sleep(60000)` holds the first batch
         // here, rows written and uncommitted, so a test can kill the node mid-batch.
         fail::fail_point!("apply-remote-commit");
